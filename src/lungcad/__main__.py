@@ -1,0 +1,3 @@
+from lungcad.cli import main
+
+main()

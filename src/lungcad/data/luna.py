@@ -1,0 +1,316 @@
+"""LUNA16 tables and dataset layout.
+
+Series UIDs stay strings everywhere: they are long dotted numbers that a float parser
+would destroy. All coordinates are patient mm (LPS), as in the challenge files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lungcad.atomic import atomic_write_text
+from lungcad.data.geometry import Xyz
+from lungcad.errors import LungcadError
+
+log = logging.getLogger(__name__)
+
+ANNOTATIONS_CSV = "annotations.csv"
+CANDIDATES_CSVS = ("candidates_V2.csv", "candidates.csv")
+EXCLUDED_CSV = "annotations_excluded.csv"
+SERIESUIDS_CSV = "seriesuids.csv"
+DETECTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+MALIGNANCY_CSV = "annotations_with_malignancy.csv"
+# Where LUNA16 downloads and the evaluation kit keep their tables, relative to the data root.
+_TABLE_DIRS = (".", "CSVFILES", "evaluationScript/annotations")
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One annotated nodule (or, in the excluded table, an irrelevant finding)."""
+
+    series_uid: str
+    center_xyz: Xyz
+    diameter_mm: float
+    is_malignant: bool | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A detection candidate as listed in ``candidates.csv``: a position and a class."""
+
+    series_uid: str
+    center_xyz: Xyz
+    is_nodule: bool
+
+
+@dataclass(frozen=True)
+class CandidateInfo:
+    """A candidate merged with what the annotations say about it."""
+
+    series_uid: str
+    center_xyz: Xyz
+    is_nodule: bool
+    diameter_mm: float
+    is_malignant: bool | None
+    has_annotation: bool
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One CAD mark in the LUNA16 submission format: where (mm, LPS) and how suspicious."""
+
+    series_uid: str
+    center_xyz: Xyz
+    probability: float
+
+
+def _rows(path: Path, columns: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
+    try:
+        handle = path.open(newline="")
+    except OSError as exc:
+        raise LungcadError(f"{path}: cannot open ({exc.strerror})") from None
+    with handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise LungcadError(f"{path}: missing column(s) {', '.join(missing)}")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _parse_xyz(path: Path, line: int, row: dict[str, str]) -> Xyz:
+    try:
+        return Xyz(float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
+    except (TypeError, ValueError):
+        coords = (row.get("coordX"), row.get("coordY"), row.get("coordZ"))
+        raise LungcadError(f"{path}:{line}: bad coordinates {coords}") from None
+
+
+def _parse_float(path: Path, line: int, row: dict[str, str], column: str) -> float:
+    try:
+        return float(row[column])
+    except (TypeError, ValueError):
+        raise LungcadError(f"{path}:{line}: bad {column} {row.get(column)!r}") from None
+
+
+def _parse_uid(path: Path, line: int, row: dict[str, str]) -> str:
+    uid = (row.get("seriesuid") or "").strip()
+    if not uid:
+        raise LungcadError(f"{path}:{line}: empty seriesuid")
+    return uid
+
+
+def read_annotations(path: Path) -> list[Annotation]:
+    """``annotations.csv`` or ``annotations_excluded.csv`` (diameter -1 means unknown)."""
+    columns = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+    return [
+        Annotation(
+            _parse_uid(path, line, row),
+            _parse_xyz(path, line, row),
+            _parse_float(path, line, row, "diameter_mm"),
+        )
+        for line, row in _rows(path, columns)
+    ]
+
+
+def read_malignancy_annotations(path: Path) -> list[Annotation]:
+    """The book's ``annotations_with_malignancy.csv``; ``mal_bool`` becomes ``is_malignant``."""
+    columns = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "mal_bool")
+    result = []
+    for line, row in _rows(path, columns):
+        flag = (row["mal_bool"] or "").strip().lower()
+        if flag not in ("true", "false", "1", "0"):
+            raise LungcadError(f"{path}:{line}: bad mal_bool {row['mal_bool']!r}")
+        result.append(
+            Annotation(
+                _parse_uid(path, line, row),
+                _parse_xyz(path, line, row),
+                _parse_float(path, line, row, "diameter_mm"),
+                is_malignant=flag in ("true", "1"),
+            )
+        )
+    return result
+
+
+def read_candidates(path: Path) -> list[Candidate]:
+    """``candidates.csv`` / ``candidates_V2.csv`` (class 1 = nodule)."""
+    columns = ("seriesuid", "coordX", "coordY", "coordZ", "class")
+    result = []
+    for line, row in _rows(path, columns):
+        label = (row["class"] or "").strip()
+        if label not in ("0", "1"):
+            raise LungcadError(f"{path}:{line}: bad class {row['class']!r} (expected 0 or 1)")
+        result.append(
+            Candidate(_parse_uid(path, line, row), _parse_xyz(path, line, row), label == "1")
+        )
+    return result
+
+
+def read_series_uids(path: Path) -> list[str]:
+    """``seriesuids.csv``: one UID per line, no header row."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise LungcadError(f"{path}: cannot open ({exc.strerror})") from None
+    uids = [line.strip().strip(",") for line in lines if line.strip()]
+    for number, uid in enumerate(uids, start=1):
+        if not all(part.isdigit() for part in uid.split(".")):
+            raise LungcadError(f"{path}:{number}: {uid!r} is not a DICOM UID")
+    return uids
+
+
+def read_detections(path: Path) -> list[Detection]:
+    """A results CSV (``seriesuid,coordX,coordY,coordZ,probability``)."""
+    detections = []
+    for line, row in _rows(path, DETECTION_COLUMNS):
+        center = _parse_xyz(path, line, row)
+        probability = _parse_float(path, line, row, "probability")
+        if not all(math.isfinite(v) for v in (*center, probability)):
+            raise LungcadError(f"{path}:{line}: non-finite value in {(*center, probability)}")
+        detections.append(Detection(_parse_uid(path, line, row), center, probability))
+    return detections
+
+
+def write_detections(path: Path, detections: Iterable[Detection]) -> Path:
+    """Write marks in the LUNA16 submission format, atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(DETECTION_COLUMNS)
+    for mark in detections:
+        x, y, z = mark.center_xyz
+        writer.writerow(
+            [mark.series_uid, f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", f"{mark.probability:.6g}"]
+        )
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def _matches(center: Xyz, annotation: Annotation) -> bool:
+    """The book's rule: within a quarter diameter of the annotation on every axis."""
+    limit = annotation.diameter_mm / 4
+    return all(abs(c - a) <= limit for c, a in zip(center, annotation.center_xyz, strict=True))
+
+
+def merge_candidates(
+    candidates: Sequence[Candidate],
+    annotations: Sequence[Annotation],
+    malignancy: Sequence[Annotation] = (),
+) -> list[CandidateInfo]:
+    """Give each candidate the diameter (and malignancy) of the annotation it falls on.
+
+    Ordered nodules first, then by decreasing diameter, then series and position, so the
+    same tables always give the same list.
+    """
+    by_series: dict[str, list[Annotation]] = {}
+    for annotation in annotations:
+        by_series.setdefault(annotation.series_uid, []).append(annotation)
+    malignant_by_series: dict[str, list[Annotation]] = {}
+    for annotation in malignancy:
+        malignant_by_series.setdefault(annotation.series_uid, []).append(annotation)
+
+    merged = []
+    for candidate in candidates:
+        match = next(
+            (
+                a
+                for a in by_series.get(candidate.series_uid, [])
+                if _matches(candidate.center_xyz, a)
+            ),
+            None,
+        )
+        malignant_match = next(
+            (
+                a
+                for a in malignant_by_series.get(candidate.series_uid, [])
+                if _matches(candidate.center_xyz, a)
+            ),
+            None,
+        )
+        diameter = (
+            match.diameter_mm if match else malignant_match.diameter_mm if malignant_match else 0.0
+        )
+        merged.append(
+            CandidateInfo(
+                series_uid=candidate.series_uid,
+                center_xyz=candidate.center_xyz,
+                is_nodule=candidate.is_nodule,
+                diameter_mm=diameter,
+                is_malignant=malignant_match.is_malignant if malignant_match else None,
+                has_annotation=match is not None or malignant_match is not None,
+            )
+        )
+    merged.sort(key=lambda c: (not c.is_nodule, -c.diameter_mm, c.series_uid, tuple(c.center_xyz)))
+    return merged
+
+
+def find_table(data_root: Path, *names: str) -> Path | None:
+    """First of ``names`` present in the data root or the usual LUNA16 sub-folders."""
+    for name in names:
+        for folder in _TABLE_DIRS:
+            path = data_root / folder / name
+            if path.is_file():
+                return path
+    return None
+
+
+def require_table(data_root: Path, *names: str) -> Path:
+    path = find_table(data_root, *names)
+    if path is None:
+        raise LungcadError(f"{data_root}: no {' or '.join(names)} found")
+    return path
+
+
+def discover_scans(data_root: Path) -> dict[str, Path]:
+    """Map series UID -> ``subset*/<uid>.mhd`` under the data root (sorted by UID)."""
+    if not data_root.is_dir():
+        raise LungcadError(f"{data_root}: data root is not a directory")
+    scans = {path.stem: path for path in data_root.glob("subset*/*.mhd")}
+    if not scans:
+        raise LungcadError(f"{data_root}: no scans found (expected subset*/<series_uid>.mhd)")
+    return dict(sorted(scans.items()))
+
+
+def report_missing_series(
+    wanted: Iterable[str], scans: dict[str, Path], data_root: Path
+) -> list[str]:
+    """Log, in one message, which annotated series have no scan file; return them."""
+    missing = sorted(set(wanted) - set(scans))
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        log.warning(
+            "%s: %d annotated series have no scan file (partial download?): %s",
+            data_root,
+            len(missing),
+            shown,
+        )
+    return missing
+
+
+@dataclass(frozen=True)
+class SeriesSplit:
+    """Which series train and which validate; no series is ever on both sides."""
+
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+
+    def side(self, series_uid: str) -> str:
+        if series_uid in self.validation:
+            return "val"
+        if series_uid in self.train:
+            return "train"
+        raise LungcadError(f"unknown series UID {series_uid}")
+
+
+def split_series(series_uids: Iterable[str], val_stride: int = 10) -> SeriesSplit:
+    """Every ``val_stride``-th series of the sorted list validates, the rest train."""
+    if val_stride < 2:
+        raise LungcadError(f"val_stride must be at least 2, got {val_stride}")
+    ordered = sorted(set(series_uids))
+    validation = tuple(ordered[::val_stride])
+    held_out = set(validation)
+    return SeriesSplit(train=tuple(u for u in ordered if u not in held_out), validation=validation)
