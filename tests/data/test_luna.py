@@ -152,3 +152,21 @@ def test_detections_round_trip(tmp_path: Path) -> None:
     path = write_detections(tmp_path / "detections.csv", marks)
     assert path.read_text().splitlines()[0] == "seriesuid,coordX,coordY,coordZ,probability"
     assert read_detections(path) == marks
+
+
+def test_dataset_split_ignores_which_scans_are_present(tmp_path: Path) -> None:
+    from lungcad.data.luna import dataset_split
+
+    uids = [f"1.2.{i}" for i in range(30)]
+    (tmp_path / "seriesuids.csv").write_text("\n".join(uids) + "\n")
+    (tmp_path / "subset0").mkdir()
+    for uid in uids[5:12]:  # a partial download
+        (tmp_path / "subset0" / f"{uid}.mhd").write_text("")
+    assert dataset_split(tmp_path) == split_series(uids)
+    (tmp_path / "seriesuids.csv").unlink()
+    _write(
+        tmp_path / "annotations.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.99,0,0,0,5\n"
+    )
+    assert dataset_split(tmp_path).validation == ("1.2.99",)
+    (tmp_path / "annotations.csv").unlink()
+    assert dataset_split(tmp_path) == split_series(uids[5:12])

@@ -306,6 +306,29 @@ class SeriesSplit:
         raise LungcadError(f"unknown series UID {series_uid}")
 
 
+def dataset_series(data_root: Path) -> list[str]:
+    """Every series the dataset defines, whether or not its scan file is present.
+
+    ``seriesuids.csv`` when present, else every series the candidate and annotation tables
+    name, else the scans on disk. The split is computed over this, so a partial download or
+    a half-filled cache never moves a series from validation to training.
+    """
+    if (listed := find_table(data_root, SERIESUIDS_CSV)) is not None:
+        return sorted(set(read_series_uids(listed)))
+    named: set[str] = set()
+    if (candidates := find_table(data_root, *CANDIDATES_CSVS)) is not None:
+        named |= {c.series_uid for c in read_candidates(candidates)}
+    for name in (ANNOTATIONS_CSV, MALIGNANCY_CSV):
+        if (table := find_table(data_root, name)) is not None:
+            named |= {a.series_uid for a in read_annotations(table)}
+    return sorted(named) if named else sorted(discover_scans(data_root))
+
+
+def dataset_split(data_root: Path, val_stride: int = 10) -> SeriesSplit:
+    """THE train/validation split of a data root, shared by every trainer and the analysis."""
+    return split_series(dataset_series(data_root), val_stride)
+
+
 def split_series(series_uids: Iterable[str], val_stride: int = 10) -> SeriesSplit:
     """Every ``val_stride``-th series of the sorted list validates, the rest train."""
     if val_stride < 2:
