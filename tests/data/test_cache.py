@@ -106,3 +106,17 @@ def test_default_cache_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert default_cache_dir(tmp_path) == tmp_path / ".lungcad-cache"
     monkeypatch.setenv("LUNGCAD_CACHE", str(tmp_path / "elsewhere"))
     assert default_cache_dir(tmp_path) == tmp_path / "elsewhere"
+
+
+def test_center_irc_matches_geometry_for_oblique_direction(tmp_path: Path) -> None:
+    from scipy.spatial.transform import Rotation
+
+    from lungcad.data.cache import CachedVolume
+    from lungcad.data.geometry import xyz_to_irc
+
+    rotation = Rotation.from_euler("xyz", [10, -20, 35], degrees=True).as_matrix()
+    geometry = Geometry((3.0, -7.0, 11.0), (0.7, 0.9, 1.5), tuple(rotation.ravel()))
+    volume = CachedVolume("1.2", np.zeros((2, 2, 2), np.int16), geometry)
+    rng = np.random.default_rng(1)
+    for xyz in rng.uniform(-200, 200, size=(200, 3)):
+        assert volume.center_irc(xyz) == xyz_to_irc(tuple(xyz), geometry)

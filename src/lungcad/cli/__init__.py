@@ -10,8 +10,13 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from lungcad import __version__
+from lungcad.cli import analyze as analyze_commands
 from lungcad.cli import data as data_commands
+from lungcad.cli import demo as demo_commands
 from lungcad.cli import evaluate as evaluate_commands
+from lungcad.cli import export as export_commands
+from lungcad.cli import serve as serve_commands
+from lungcad.cli import train_classify, train_malignancy, train_segment
 from lungcad.errors import LungcadError
 
 app = typer.Typer(
@@ -27,7 +32,14 @@ train_app = typer.Typer(
 app.add_typer(train_app, name="train")
 
 data_commands.register(app)
+analyze_commands.register(app)
 evaluate_commands.register(app)
+export_commands.register(app)
+serve_commands.register(app)
+train_app.command("segment")(train_segment.segment)
+train_app.command("classify")(train_classify.classify)
+train_app.command("malignancy")(train_malignancy.malignancy)
+demo_commands.register(app)
 
 
 def _version(value: bool) -> None:

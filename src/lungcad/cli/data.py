@@ -67,7 +67,7 @@ def synth(
 def prepare(
     data_root: Path = typer.Argument(..., help="LUNA16-layout root with subset*/<uid>.mhd."),
     cache: Path | None = typer.Option(
-        None, "--cache", help="Cache folder [default: DATA_ROOT/.lungcad-cache or $LUNGCAD_CACHE]."
+        None, "--cache", help="Cache folder (default: DATA_ROOT/.lungcad-cache or $LUNGCAD_CACHE)."
     ),
     workers: int = typer.Option(2, "--workers", min=1, help="Parallel conversion processes."),
 ) -> None:

@@ -22,14 +22,14 @@ RunDir = Annotated[Path, typer.Option("--out", help="Run folder: best.pt, last.p
 CacheDir = Annotated[
     Path | None,
     typer.Option(
-        "--cache", help="Volume cache [default: DATA_ROOT/.lungcad-cache or $LUNGCAD_CACHE]."
+        "--cache", help="Volume cache (default: DATA_ROOT/.lungcad-cache or $LUNGCAD_CACHE)."
     ),
 ]
 Epochs = Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")]
 EpochSamples = Annotated[
     int | None,
     typer.Option(
-        "--epoch-samples", min=1, help="Samples per training epoch [default: from the data]."
+        "--epoch-samples", min=1, help="Samples per training epoch (default: from the data)."
     ),
 ]
 BatchSize = Annotated[

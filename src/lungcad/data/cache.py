@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 from lungcad.atomic import atomic_write, atomic_write_text
 from lungcad.data.crops import CLASSIFIER_CROP_IRC, crop_irc, slice_stack
 from lungcad.data.ct import read_ct
-from lungcad.data.geometry import Geometry, Irc, Xyz, xyz_to_irc_array
+from lungcad.data.geometry import Geometry, Irc, Xyz
 from lungcad.errors import LungcadError
 from lungcad.progress import make_progress
 
@@ -65,8 +66,19 @@ class CachedVolume:
     geometry: Geometry
 
     def center_irc(self, center_xyz: Xyz | Sequence[float]) -> Irc:
-        continuous = xyz_to_irc_array(np.asarray(center_xyz), self.geometry)
-        return Irc(*(int(v) for v in np.rint(continuous)))
+        """Nearest voxel of a patient-mm point; same result as ``geometry.xyz_to_irc``."""
+        # Plain float arithmetic: numpy's per-call overhead on a 3-vector would dominate
+        # the tens of microseconds a crop takes.
+        offset = [float(v) - o for v, o in zip(center_xyz, self.geometry.origin_xyz, strict=True)]
+        c, r, i = (
+            round(m0 * offset[0] + m1 * offset[1] + m2 * offset[2])
+            for m0, m1, m2 in self._xyz_to_cri_rows
+        )
+        return Irc(i, r, c)
+
+    @cached_property
+    def _xyz_to_cri_rows(self) -> tuple[tuple[float, float, float], ...]:
+        return tuple(tuple(float(v) for v in row) for row in self.geometry.xyz_to_cri_matrix)  # type: ignore[misc]
 
 
 class VolumeCache:
@@ -81,7 +93,8 @@ class VolumeCache:
         # Workers get the path only and map the files themselves: pages shared, not copied.
         return {"root": self.root, "entries_dir": self.entries_dir, "_open": {}}
 
-    def _paths(self, series_uid: str) -> tuple[Path, Path]:
+    def entry_files(self, series_uid: str) -> tuple[Path, Path]:
+        """The volume entry of a series: (int16 HU ``.npy``, JSON geometry sidecar)."""
         return self.entries_dir / f"{series_uid}.npy", self.entries_dir / f"{series_uid}.json"
 
     def array_path(self, series_uid: str, name: str) -> Path:
@@ -89,7 +102,7 @@ class VolumeCache:
         return self.entries_dir / f"{series_uid}.{name}.npy"
 
     def is_fresh(self, series_uid: str, source: Path) -> bool:
-        npy, meta_path = self._paths(series_uid)
+        npy, meta_path = self.entry_files(series_uid)
         if not (npy.exists() and meta_path.exists()):
             return False
         try:
@@ -106,7 +119,7 @@ class VolumeCache:
         """Convert one scan into the cache (atomically); returns bytes of HU written."""
         volume = read_ct(source)
         self.entries_dir.mkdir(parents=True, exist_ok=True)
-        npy, meta_path = self._paths(volume.series_uid)
+        npy, meta_path = self.entry_files(volume.series_uid)
         atomic_write(npy, lambda handle: np.save(handle, volume.hu))
         meta = {
             "format": CACHE_FORMAT_VERSION,
@@ -129,7 +142,7 @@ class VolumeCache:
         cached = self._open.get(series_uid)
         if cached is not None:
             return cached
-        npy, meta_path = self._paths(series_uid)
+        npy, meta_path = self.entry_files(series_uid)
         if not meta_path.exists():
             raise LungcadError(
                 f"{self.entries_dir}: series {series_uid} is not in the cache "
@@ -188,7 +201,7 @@ def prepare_cache(scans: dict[str, Path], cache: VolumeCache, workers: int = 1) 
     skipped = len(scans) - len(todo)
     start = time.perf_counter()
     total_bytes = 0
-    with make_progress() as progress:
+    with make_progress(transient=not todo) as progress:
         task = progress.add_task("prepare", total=len(todo))
         if workers <= 1:
             for path in todo.values():

@@ -14,7 +14,8 @@ HU_CLIP = (-1000.0, 1000.0)
 
 def clip_hu(array: np.ndarray, low: float = HU_CLIP[0], high: float = HU_CLIP[1]) -> np.ndarray:
     """HU as float32 clipped to the range the models were trained on (bone and metal flattened)."""
-    return np.clip(array, low, high).astype(np.float32, copy=False)
+    # Convert first: clipping int16 against float bounds would build a float64 copy.
+    return np.clip(np.asarray(array, dtype=np.float32), low, high, dtype=np.float32)
 
 
 def crop_irc(
@@ -30,9 +31,10 @@ def crop_irc(
     """
     starts = [int(c) - int(w) // 2 for c, w in zip(center_irc, width_irc, strict=True)]
     ends = [s + int(w) for s, w in zip(starts, width_irc, strict=True)]
-    inside = all(s >= 0 and e <= n for s, e, n in zip(starts, ends, volume.shape, strict=True))
-    if inside:
-        return np.array(volume[starts[0] : ends[0], starts[1] : ends[1], starts[2] : ends[2]])
+    (i0, r0, c0), (i1, r1, c1) = starts, ends
+    n_i, n_r, n_c = volume.shape
+    if i0 >= 0 and r0 >= 0 and c0 >= 0 and i1 <= n_i and r1 <= n_r and c1 <= n_c:
+        return volume[i0:i1, r0:r1, c0:c1].copy()
     out = np.full(tuple(int(w) for w in width_irc), fill, dtype=volume.dtype)
     src = tuple(
         slice(max(s, 0), min(e, n)) for s, e, n in zip(starts, ends, volume.shape, strict=True)

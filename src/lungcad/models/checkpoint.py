@@ -55,15 +55,23 @@ class LoadedModel:
 
 
 def build_model(kind: str, config: ModelConfig | None = None) -> nn.Module:
-    """A freshly initialised model of ``kind``; ``config`` defaults to the book's structure."""
+    """A freshly initialised model of ``kind``; ``config`` defaults to the book's structure.
+
+    Weights are laid out channels-last (2D for the U-Net, 3D for the classifiers): the same
+    math, but CPU convolutions run 1.5x (U-Net) to 3x (classifier) faster, forward and
+    backward. Inputs may come in either layout.
+    """
     config = config if config is not None else default_config(kind)
+    model: nn.Module
     if kind == "segmentation":
         if not isinstance(config, SegmentationConfig):
             raise TypeError(f"segmentation needs a SegmentationConfig, got {config!r}")
-        return SegmentationModel(config)
+        model = SegmentationModel(config)
+        return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if not isinstance(config, ClassifierConfig) or config.kind != kind:
         raise TypeError(f"{kind} needs ClassifierConfig(kind={kind!r}), got {config!r}")
-    return LunaModel()
+    model = LunaModel()
+    return model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
 
 
 def default_config(kind: str) -> ModelConfig:
@@ -180,9 +188,6 @@ def model_from_checkpoint(
         )
     model.load_state_dict(checkpoint["model_state"])
     model.to(device)
-    if config.kind == "segmentation":
-        # CPU convolutions run ~1.5x faster channels_last; inputs may be in either layout.
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.eval()
     return LoadedModel(model=model, kind=config.kind, config=config, checkpoint_meta=meta)
 

@@ -243,9 +243,11 @@ def _train(
     with _StopFlag() as stop, make_progress() as progress:
         for epoch in range(start_epoch, options.epochs + 1):
             samples = task.train_samples(epoch)
-            indices = ctx.shard(list(range(len(samples))))  # type: ignore[arg-type]
+            # Every step is a collective, so all ranks must take as many: drop the remainder.
+            usable = len(samples) - len(samples) % ctx.world_size  # type: ignore[arg-type]
+            indices = ctx.shard(list(range(usable)))
             skip = start_step if epoch == start_epoch else 0
-            steps = _batches_per_rank(len(samples), options.batch_size, ctx)  # type: ignore[arg-type]
+            steps = _batches_per_rank(usable, options.batch_size, ctx)
             todo = Subset(samples, indices[skip * options.batch_size :])
             bar = progress.add_task(f"epoch {epoch}/{options.epochs}", total=steps, completed=skip)
             records = partial_records if skip else []

@@ -1,0 +1,102 @@
+"""``lungcad train segment``: train the 2D nodule segmentation U-Net."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from lungcad.cli.train_options import (
+    BatchSize,
+    CacheDir,
+    DataRoot,
+    Device,
+    Epochs,
+    EpochSamples,
+    LearningRate,
+    NoTensorboard,
+    NumWorkers,
+    Resume,
+    RunDir,
+    Seed,
+    ValStride,
+    engine_options,
+    report,
+    resolve_cache,
+)
+from lungcad.training.segment import ValSlices
+
+FnWeight = Annotated[
+    float,
+    typer.Option("--fn-weight", min=0.0, help="Weight of the Dice term over nodule pixels only."),
+]
+ValSlicesOption = Annotated[
+    ValSlices,
+    typer.Option(
+        "--val-slices",
+        help="Validate on all slices (counts false positives) or only slices with nodules.",
+    ),
+]
+NoAugment = Annotated[
+    bool,
+    typer.Option("--no-augment", help="Train without flips, shifts, scaling, rotation and noise."),
+]
+ImageSeries = Annotated[
+    int,
+    typer.Option(
+        "--image-series", min=0, help="Validation series drawn as overlay images each epoch."
+    ),
+]
+
+
+def segment(
+    data_root: DataRoot,
+    out: RunDir,
+    cache: CacheDir = None,
+    epochs: Epochs = 6,
+    epoch_samples: EpochSamples = None,
+    batch_size: BatchSize = 16,
+    num_workers: NumWorkers = 0,
+    lr: LearningRate = 1e-3,
+    fn_weight: FnWeight = 8.0,
+    val_stride: ValStride = 10,
+    val_slices: ValSlicesOption = "all",
+    image_series: ImageSeries = 4,
+    no_augment: NoAugment = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    resume: Resume = False,
+    no_tensorboard: NoTensorboard = False,
+) -> None:
+    """Train the segmentation U-Net on nodule masks grown from the annotations.
+
+    best.pt is chosen by validation pixel recall; RUN_DIR/images/ holds overlays of
+    validation slices (green true positive, red false positive, orange false negative).
+    """
+    from lungcad.training.augment import SegmentationAugmentSettings
+    from lungcad.training.engine import train
+    from lungcad.training.segment import SegmentationSettings, SegmentationTask
+
+    settings = SegmentationSettings(
+        data_root=data_root,
+        cache_dir=resolve_cache(data_root, cache),
+        epoch_samples=epoch_samples,
+        lr=lr,
+        fn_weight=fn_weight,
+        val_stride=val_stride,
+        val_slices=val_slices,
+        image_series=image_series,
+        seed=seed,
+        augment=SegmentationAugmentSettings.none() if no_augment else SegmentationAugmentSettings(),
+    )
+    options = engine_options(
+        out=out,
+        epochs=epochs,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        device=device,
+        resume=resume,
+        no_tensorboard=no_tensorboard,
+    )
+    report(train(SegmentationTask(settings), options), out)
