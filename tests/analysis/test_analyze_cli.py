@@ -12,8 +12,8 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
+from lungcad.cli import app as lungcad_app
 from lungcad.cli import main
-from lungcad.cli.analyze import register
 from lungcad.data.ct import write_metaimage
 from lungcad.data.geometry import irc_to_xyz
 from tests.analysis.conftest import SPHERE_CENTERS_IRC, TINY_GEOMETRY, tiny_hu
@@ -22,14 +22,8 @@ UID_A, UID_B = "1.2.3.4", "1.2.3.5"
 
 
 def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Keep ``analyze`` a named sub-command."""
-
-    register(app)
-    return app
+    """The real ``lungcad`` command, as a user calls it."""
+    return lungcad_app
 
 
 def analyze(*args: str | Path) -> Result:

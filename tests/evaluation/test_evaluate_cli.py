@@ -10,7 +10,7 @@ import typer
 from click.testing import Result
 from typer.testing import CliRunner
 
-from lungcad.cli.evaluate import register
+from lungcad.cli import app as lungcad_app
 from lungcad.errors import LungcadError
 
 HEADER = "seriesuid,coordX,coordY,coordZ"
@@ -19,14 +19,8 @@ POINT_KEYS = ["0.125", "0.25", "0.5", "1", "2", "4", "8"]
 
 
 def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Keep ``evaluate`` a named sub-command."""
-
-    register(app)
-    return app
+    """The real ``lungcad`` command, as a user calls it."""
+    return lungcad_app
 
 
 @pytest.fixture

@@ -146,7 +146,9 @@ def test_full_queue_answers_503_with_retry_after(
     base = serve(make_app(fake_models(runner), max_batch_size=1, max_queue=1, retry_after_s=2))
     answers = asyncio.run(post_many(base, [np.zeros((32, 48, 48), np.float32)] * 6))
     statuses = sorted(a.status_code for a in answers)
-    assert statuses.count(200) >= 2 and statuses.count(503) >= 1
+    # How many get in depends on when the worker dequeues (machine load); every request is
+    # answered, at least one served and at least one refused.
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1
     assert set(statuses) == {200, 503}
     refused = next(a for a in answers if a.status_code == 503)
     assert refused.headers["retry-after"] == "2"

@@ -17,19 +17,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from lungcad.cli.serve import register
+from lungcad.cli import app as lungcad_app
 from lungcad.errors import LungcadError
 
 
 def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Keep ``serve`` a named sub-command."""
-
-    register(app)
-    return app
+    """The real ``lungcad`` command, as a user calls it."""
+    return lungcad_app
 
 
 def test_folder_without_classifier_is_refused(tmp_path: Path) -> None:
