@@ -120,3 +120,18 @@ def test_center_irc_matches_geometry_for_oblique_direction(tmp_path: Path) -> No
     rng = np.random.default_rng(1)
     for xyz in rng.uniform(-200, 200, size=(200, 3)):
         assert volume.center_irc(xyz) == xyz_to_irc(tuple(xyz), geometry)
+
+
+def test_synth_prepare_crop_round_trip_lands_on_the_nodule(tmp_path: Path) -> None:
+    from lungcad.data.luna import discover_scans, read_annotations
+    from lungcad.data.synth import write_dataset
+
+    write_dataset(tmp_path / "data", scans=4, seed=3, size=64)
+    annotations = read_annotations(tmp_path / "data" / "annotations.csv")
+    assert annotations, "the phantoms of this seed carry nodules"
+    cache = VolumeCache(tmp_path / "cache")
+    prepare_cache(discover_scans(tmp_path / "data"), cache)
+    for nodule in annotations:
+        crop, _ = cache.crop(nodule.series_uid, nodule.center_xyz)
+        assert crop.shape == (32, 48, 48)
+        assert crop[16, 24, 24] > -700, f"{nodule} centre is not on nodule voxels"

@@ -169,9 +169,8 @@ def balanced_order(labels: np.ndarray, count: int, ratio: int, seed: int, epoch:
     balancing, all candidates in shuffled order (the natural, very unbalanced mix).
     """
     labels = np.asarray(labels, dtype=bool)
-    start = (epoch - 1) * count
     if ratio == 0:
-        return _shuffle_stream(len(labels), start, count, seed, stream=2)
+        return _shuffle_stream(len(labels), (epoch - 1) * count, count, seed, stream=2)
     positives, negatives = np.flatnonzero(labels), np.flatnonzero(~labels)
     if len(positives) == 0 or len(negatives) == 0:
         raise LungcadError("balanced sampling needs both nodule and non-nodule candidates")
