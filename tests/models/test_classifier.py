@@ -7,6 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from lungcad.models import ClassifierConfig, LunaModel, load_model, load_model_with_info
+from lungcad.models.classifier import init_like_book_
 from tests.conftest import shared_file
 
 BOOK_CLASSIFIER = "models/dlwpt/cls_2020-02-06_14.16.55_final-nodule-nonnodule.best.state"
@@ -48,11 +49,23 @@ def test_parameter_count_is_the_books() -> None:
     assert sum(p.numel() for p in LunaModel().parameters()) == 222_220
 
 
-def test_init_follows_book_kaiming_fan_out() -> None:
+def test_default_init_is_kaiming_uniform_with_zero_mean_biases() -> None:
     torch.manual_seed(0)
-    weight = LunaModel().block4.conv2.weight  # (64, 64, 3, 3, 3): fan_out = 64 * 27
-    expected_std = (2 / (64 * 27)) ** 0.5
-    assert abs(weight.std().item() / expected_std - 1) < 0.02
+    conv = LunaModel().block4.conv2  # (64, 64, 3, 3, 3): fan_in = 64 * 27
+    bound = 1 / (64 * 27) ** 0.5
+    assert conv.weight.abs().max() <= bound
+    assert abs(conv.weight.std().item() / (bound / 3**0.5) - 1) < 0.02
+    assert abs(conv.bias.mean().item()) < bound / 2
+
+
+def test_book_init_is_kaiming_normal_fan_out_with_negative_biases() -> None:
+    torch.manual_seed(0)
+    model = LunaModel()
+    init_like_book_(model)
+    conv = model.block4.conv2
+    expected_std = (2 / (64 * 27)) ** 0.5  # fan_out = 64 * 27
+    assert abs(conv.weight.std().item() / expected_std - 1) < 0.02
+    assert conv.bias.mean().item() < 0
 
 
 def test_init_is_deterministic_given_seed() -> None:

@@ -21,6 +21,7 @@ from lungcad.errors import LungcadError
 from lungcad.models import load_checkpoint
 from lungcad.training.augment import AugmentSettings
 from lungcad.training.classify import (
+    POSITIVE_VIEWS_PER_EPOCH,
     CandidateCrops,
     ClassificationTask,
     ClassifySettings,
@@ -123,8 +124,8 @@ def test_balanced_order_is_pure_balanced_and_walks_through_the_negatives() -> No
 
 
 def test_default_epoch_is_derived_from_the_positives() -> None:
-    assert default_epoch_samples(70, 1) == 70 * 2 * 50
-    assert default_epoch_samples(70, 3) == 70 * 4 * 50
+    assert default_epoch_samples(70, 1) == 70 * 2 * POSITIVE_VIEWS_PER_EPOCH
+    assert default_epoch_samples(70, 3) == 70 * 4 * POSITIVE_VIEWS_PER_EPOCH
 
 
 def test_task_steps_records_and_fingerprint(tiny: Path) -> None:

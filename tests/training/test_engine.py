@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,22 @@ def test_ctrl_c_mid_epoch_writes_last_pt_and_resume_completes_identically(
     assert [json.loads(x)["train/loss"] for x in lines] == pytest.approx(
         [json.loads(x)["train/loss"] for x in reference]
     )
+
+
+def test_cosine_schedule_and_bf16_resume_mid_epoch_identically(tmp_path: Path) -> None:
+    def cosine_bf16(out: Path, resume: bool = False) -> EngineOptions:
+        return replace(
+            options(out, epochs=3, resume=resume), lr_schedule="cosine", precision="bf16"
+        )
+
+    train(ToyTask(), cosine_bf16(tmp_path / "whole"))
+    stop_after = SAMPLES // BATCH + 3
+    train(ToyTask(interrupt_after=stop_after), cosine_bf16(tmp_path / "split"))
+    train(ToyTask(), cosine_bf16(tmp_path / "split", resume=True))
+    assert final_weights(tmp_path / "split") == final_weights(tmp_path / "whole")
+    # The rate decayed from 0.1 to nearly 0 over the run; the last step's rate is kept.
+    last_lr = load_checkpoint(tmp_path / "whole" / "last.pt")["optimizer_state"]["param_groups"]
+    assert 0 < last_lr[0]["lr"] < 0.1 * 0.01
 
 
 def test_another_seed_gives_other_weights(uninterrupted: Path, tmp_path: Path) -> None:

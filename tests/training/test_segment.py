@@ -114,6 +114,26 @@ def test_training_crops_are_a_pure_function_of_seed_and_epoch(dataset: Path) -> 
         assert row - 48 <= sample.top <= row - 16 and col - 48 <= sample.left <= col - 16
 
 
+def test_background_crops_come_from_anywhere_inside_the_volume(dataset: Path) -> None:
+    task = SegmentationTask(_settings(dataset))
+    train = task.split.train
+    shapes = {uid: task.cache.volume(uid).hu.shape for uid in train}
+    crops = training_crops(task.masks, train, 400, seed=1, epoch=1, background=0.5, shapes=shapes)
+    assert crops == training_crops(
+        task.masks, train, 400, seed=1, epoch=1, background=0.5, shapes=shapes
+    )
+    off_slices, expected_off = 0, 0.0
+    for sample in crops:
+        slices = shapes[sample.series_uid][0]
+        assert 0 <= sample.index < slices
+        (nodule,) = task.masks.nodules(sample.series_uid)
+        off_slices += sample.index not in nodule.slices
+        expected_off += 0.5 * (1 - len(nodule.slices) / slices)
+    # Nodule crops never leave the nodule's slices; background ones do, at the slice ratio.
+    assert off_slices > 0
+    assert abs(off_slices - expected_off) < 0.25 * expected_off
+
+
 def test_validation_uses_all_slices_or_only_positive_ones(dataset: Path) -> None:
     task = SegmentationTask(_settings(dataset))
     uid = task.split.validation[0]

@@ -14,8 +14,12 @@ from lungcad.cli.train_options import (
     Epochs,
     EpochSamples,
     LearningRate,
+    LrSchedule,
+    Momentum,
     NoTensorboard,
     NumWorkers,
+    OptimizerChoice,
+    PrecisionChoice,
     Resume,
     RunDir,
     Seed,
@@ -25,7 +29,6 @@ from lungcad.cli.train_options import (
     resolve_cache,
 )
 
-Momentum = Annotated[float, typer.Option("--momentum", min=0.0, max=1.0, help="SGD momentum.")]
 BalanceRatio = Annotated[
     int,
     typer.Option(
@@ -53,12 +56,14 @@ def classify(
     data_root: DataRoot,
     out: RunDir,
     cache: CacheDir = None,
-    epochs: Epochs = 4,
+    epochs: Epochs = 24,
     epoch_samples: EpochSamples = None,
     batch_size: BatchSize = 32,
     num_workers: NumWorkers = 0,
+    optimizer: OptimizerChoice = "adam",
     lr: LearningRate = 1e-3,
     momentum: Momentum = 0.99,
+    lr_schedule: LrSchedule = "cosine",
     balance_ratio: BalanceRatio = 1,
     val_stride: ValStride = 10,
     no_augment: NoAugment = False,
@@ -73,6 +78,7 @@ def classify(
     seed: Seed = 0,
     device: Device = "auto",
     resume: Resume = False,
+    precision: PrecisionChoice = "auto",
     no_tensorboard: NoTensorboard = False,
 ) -> None:
     """Train the nodule classifier (the book's LunaModel) on candidate crops.
@@ -84,6 +90,7 @@ def classify(
     from lungcad.training.augment import AugmentSettings
     from lungcad.training.classify import ClassificationTask, ClassifySettings
     from lungcad.training.engine import train
+    from lungcad.training.optimizer import OptimizerSettings
 
     augment = AugmentSettings(
         flip=not (no_augment or no_flip),
@@ -97,8 +104,7 @@ def classify(
         cache_dir=resolve_cache(data_root, cache),
         epoch_samples=epoch_samples,
         balance_ratio=balance_ratio,
-        lr=lr,
-        momentum=momentum,
+        optimizer=OptimizerSettings(optimizer, lr, momentum),
         val_stride=val_stride,
         seed=seed,
         augment=augment,
@@ -112,5 +118,7 @@ def classify(
         device=device,
         resume=resume,
         no_tensorboard=no_tensorboard,
+        lr_schedule=lr_schedule,
+        precision=precision,
     )
     report(train(ClassificationTask(settings), options), out)

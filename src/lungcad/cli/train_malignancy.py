@@ -15,8 +15,12 @@ from lungcad.cli.train_options import (
     Epochs,
     EpochSamples,
     LearningRate,
+    LrSchedule,
+    Momentum,
     NoTensorboard,
     NumWorkers,
+    OptimizerChoice,
+    PrecisionChoice,
     Resume,
     RunDir,
     Seed,
@@ -38,7 +42,6 @@ FinetuneDepth = Annotated[
         help="Trainable from the top: 1 = head only, 2 = head + block4, ...",
     ),
 ]
-Momentum = Annotated[float, typer.Option("--momentum", min=0.0, max=1.0, help="SGD momentum.")]
 NoAugment = Annotated[bool, typer.Option("--no-augment", help="Switch every augmentation off.")]
 
 
@@ -52,13 +55,16 @@ def malignancy(
     epoch_samples: EpochSamples = None,
     batch_size: BatchSize = 32,
     num_workers: NumWorkers = 0,
+    optimizer: OptimizerChoice = "adam",
     lr: LearningRate = 1e-3,
     momentum: Momentum = 0.99,
+    lr_schedule: LrSchedule = "cosine",
     val_stride: ValStride = 10,
     no_augment: NoAugment = False,
     seed: Seed = 0,
     device: Device = "auto",
     resume: Resume = False,
+    precision: PrecisionChoice = "auto",
     no_tensorboard: NoTensorboard = False,
 ) -> None:
     """Fine-tune the classifier into the malignancy model (labels: mal_bool).
@@ -70,6 +76,7 @@ def malignancy(
     from lungcad.training.augment import AugmentSettings
     from lungcad.training.engine import train
     from lungcad.training.malignancy import MalignancySettings, MalignancyTask
+    from lungcad.training.optimizer import OptimizerSettings
 
     settings = MalignancySettings(
         data_root=data_root,
@@ -77,8 +84,7 @@ def malignancy(
         finetune=finetune,
         finetune_depth=finetune_depth,
         epoch_samples=epoch_samples,
-        lr=lr,
-        momentum=momentum,
+        optimizer=OptimizerSettings(optimizer, lr, momentum),
         val_stride=val_stride,
         seed=seed,
         augment=AugmentSettings.none() if no_augment else AugmentSettings(),
@@ -92,5 +98,7 @@ def malignancy(
         device=device,
         resume=resume,
         no_tensorboard=no_tensorboard,
+        lr_schedule=lr_schedule,
+        precision=precision,
     )
     report(train(MalignancyTask(settings), options), out)

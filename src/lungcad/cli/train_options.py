@@ -13,7 +13,8 @@ from typing import Annotated
 import typer
 
 from lungcad.data.cache import default_cache_dir
-from lungcad.training.engine import EngineOptions, TrainingResult
+from lungcad.training.engine import EngineOptions, Precision, TrainingResult
+from lungcad.training.optimizer import OptimizerName, ScheduleName
 
 DataRoot = Annotated[
     Path, typer.Argument(help="LUNA16-layout root: subset*/<uid>.mhd + CSV tables.")
@@ -39,6 +40,21 @@ NumWorkers = Annotated[
     int, typer.Option("--num-workers", min=0, help="DataLoader worker processes.")
 ]
 LearningRate = Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate.")]
+OptimizerChoice = Annotated[OptimizerName, typer.Option("--optimizer", help="sgd or adam.")]
+Momentum = Annotated[
+    float, typer.Option("--momentum", min=0.0, max=1.0, help="SGD momentum (ignored by adam).")
+]
+LrSchedule = Annotated[
+    ScheduleName,
+    typer.Option("--lr-schedule", help="constant, or cosine decay to 0 over all epochs."),
+]
+PrecisionChoice = Annotated[
+    Precision,
+    typer.Option(
+        "--precision",
+        help="auto: bfloat16 autocast where the CPU/GPU has it in hardware, else fp32.",
+    ),
+]
 Seed = Annotated[int, typer.Option("--seed", help="Same seed, same weights.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from RUN_DIR/last.pt.")]
@@ -62,6 +78,8 @@ def engine_options(
     device: str,
     resume: bool,
     no_tensorboard: bool,
+    lr_schedule: ScheduleName = "constant",
+    precision: Precision = "auto",
 ) -> EngineOptions:
     return EngineOptions(
         out_dir=out,
@@ -73,6 +91,8 @@ def engine_options(
         resume=resume,
         tensorboard=not no_tensorboard,
         command_line=tuple(sys.argv),
+        lr_schedule=lr_schedule,
+        precision=precision,
     )
 
 

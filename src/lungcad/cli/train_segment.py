@@ -14,8 +14,10 @@ from lungcad.cli.train_options import (
     Epochs,
     EpochSamples,
     LearningRate,
+    LrSchedule,
     NoTensorboard,
     NumWorkers,
+    PrecisionChoice,
     Resume,
     RunDir,
     Seed,
@@ -29,6 +31,16 @@ from lungcad.training.segment import ValSlices
 FnWeight = Annotated[
     float,
     typer.Option("--fn-weight", min=0.0, help="Weight of the Dice term over nodule pixels only."),
+]
+Background = Annotated[
+    float,
+    typer.Option(
+        "--background",
+        min=0.0,
+        max=0.95,
+        help="Share of training crops taken anywhere in a slice, not around a nodule "
+        "(0: the book's nodule-only crops).",
+    ),
 ]
 ValSlicesOption = Annotated[
     ValSlices,
@@ -58,7 +70,9 @@ def segment(
     batch_size: BatchSize = 16,
     num_workers: NumWorkers = 0,
     lr: LearningRate = 1e-3,
+    lr_schedule: LrSchedule = "constant",
     fn_weight: FnWeight = 8.0,
+    background: Background = 0.25,
     val_stride: ValStride = 10,
     val_slices: ValSlicesOption = "all",
     image_series: ImageSeries = 4,
@@ -66,6 +80,7 @@ def segment(
     seed: Seed = 0,
     device: Device = "auto",
     resume: Resume = False,
+    precision: PrecisionChoice = "auto",
     no_tensorboard: NoTensorboard = False,
 ) -> None:
     """Train the segmentation U-Net on nodule masks grown from the annotations.
@@ -74,8 +89,13 @@ def segment(
     validation slices (green true positive, red false positive, orange false negative).
     """
     from lungcad.training.augment import SegmentationAugmentSettings
-    from lungcad.training.engine import train
-    from lungcad.training.segment import SegmentationSettings, SegmentationTask
+    from lungcad.training.distributed import is_main_process, select_device
+    from lungcad.training.engine import BEST_CHECKPOINT, train
+    from lungcad.training.segment import (
+        SegmentationSettings,
+        SegmentationTask,
+        validation_nodule_report,
+    )
 
     settings = SegmentationSettings(
         data_root=data_root,
@@ -83,6 +103,7 @@ def segment(
         epoch_samples=epoch_samples,
         lr=lr,
         fn_weight=fn_weight,
+        background=background,
         val_stride=val_stride,
         val_slices=val_slices,
         image_series=image_series,
@@ -98,5 +119,16 @@ def segment(
         device=device,
         resume=resume,
         no_tensorboard=no_tensorboard,
+        lr_schedule=lr_schedule,
+        precision=precision,
     )
-    report(train(SegmentationTask(settings), options), out)
+    task = SegmentationTask(settings)
+    result = train(task, options)
+    if not result.interrupted and is_main_process() and (out / BEST_CHECKPOINT).exists():
+        found = validation_nodule_report(task, out / BEST_CHECKPOINT, select_device(device))
+        typer.echo(
+            f"validation nodules >= 4 mm overlapping a predicted component: {found.found}/"
+            f"{found.total} ({found.rate:.1%}); pixel recall {found.pixel_recall:.4f}; "
+            f"{found.predicted_voxels:,} voxels flagged -> {out / 'nodule_recall.json'}"
+        )
+    report(result, out)

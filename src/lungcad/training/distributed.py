@@ -73,6 +73,11 @@ def init_distributed(device_type: str) -> DistributedContext:
     )
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a plain single process: the one that writes reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

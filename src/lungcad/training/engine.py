@@ -16,10 +16,11 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from lungcad.training.distributed import (
     select_device,
     shutdown_distributed,
 )
+from lungcad.training.optimizer import ScheduleName, schedule_factor
 from lungcad.training.task import Records, TrainingTask
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.jsonl"
+
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class EngineOptions:
     resume: bool = False
     tensorboard: bool = True
     command_line: tuple[str, ...] = field(default_factory=lambda: tuple(sys.argv))
+    lr_schedule: ScheduleName = "constant"
+    precision: Precision = "fp32"
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,38 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """A well-mixed 63-bit seed for one step's augmentation."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 math is done in hardware here (CUDA bf16, or AVX512-BF16 / AMX CPUs);
+    elsewhere it is emulated and slower than float32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        cpu = torch.cpu
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
+def mixed_precision(precision: Precision, device: torch.device) -> AbstractContextManager[Any]:
+    """Autocast to bfloat16 for ``bf16`` (and for ``auto`` where the hardware has it).
+
+    Weights, optimizer state and losses stay float32; only convolutions and matmuls run in
+    bfloat16, which on AMX CPUs makes a LunaModel step about 1.6x faster.
+    """
+    if precision not in PRECISIONS:
+        raise LungcadError(f"--precision {precision}: must be one of {', '.join(PRECISIONS)}")
+    enabled = precision == "bf16" or (precision == "auto" and has_native_bf16(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _detached(records: Records) -> Records:
+    """On the CPU, and bfloat16 (from autocast) widened so metrics see float32 as usual."""
+    return {
+        k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu()
+        for k, v in records.items()
+    }
 
 
 def _concat(records: list[Records]) -> Records:
@@ -155,8 +194,9 @@ def evaluate(
     records = []
     with torch.inference_mode():
         for batch in _loader(Subset(dataset, indices), options, device):
-            batch_records = task.eval_step(model, batch, device)
-            records.append({k: v.detach().cpu() for k, v in batch_records.items()})
+            with mixed_precision(options.precision, device):
+                batch_records = task.eval_step(model, batch, device)
+            records.append(_detached(batch_records))
     return _gather(ctx, records)
 
 
@@ -182,6 +222,7 @@ def _train(
     options.out_dir.mkdir(parents=True, exist_ok=True)
     model = task.build_model().to(device)
     optimizer = task.make_optimizer(task.trainable_parameters(model))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     fingerprint = task.data_fingerprint()
 
     start_epoch, start_step, samples_seen = 1, 0, 0
@@ -204,7 +245,9 @@ def _train(
         start_epoch, start_step = int(state["epoch"]) + 1, int(extra["step_in_epoch"])
         samples_seen = int(state["samples_seen"])
         best_value = extra.get("best_value")
-        partial_records = [extra["partial_records"]] if extra.get("partial_records") else []
+        # The saved records are every rank's; rank 0 alone carries them into the epoch's metrics.
+        partial = extra.get("partial_records")
+        partial_records = [partial] if partial and ctx.is_main else []
         log.info("resuming %s at epoch %d step %d", last_path, start_epoch, start_step)
 
     train_model: nn.Module = model
@@ -256,19 +299,24 @@ def _train(
             for step, batch in enumerate(_loader(todo, options, device), start=skip + 1):
                 generator = torch.Generator(device=device)
                 generator.manual_seed(step_seed(options.seed, epoch, step, ctx.rank))
-                out = task.train_step(train_model, batch, generator, device)
+                done = ((epoch - 1) * steps + step - 1) / (options.epochs * steps)
+                for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base_lr * schedule_factor(options.lr_schedule, done)
+                with mixed_precision(options.precision, device):
+                    out = task.train_step(train_model, batch, generator, device)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 optimizer.step()
-                records.append({k: v.detach().cpu() for k, v in out.records.items()})
+                records.append(_detached(out.records))
                 samples_seen += len(next(iter(out.records.values()))) * ctx.world_size
                 progress.advance(bar)
                 if ctx.any(stop.requested) and step < steps:
                     interrupted = True
                     break
             if interrupted:
+                gathered = _gather(ctx, records)  # a collective: every rank takes part
                 if ctx.is_main:
-                    checkpoint(last_path, epoch - 1, step, records)
+                    checkpoint(last_path, epoch - 1, step, [gathered] if gathered else [])
                 log.warning(
                     "stopped at epoch %d step %d/%d; resume with --resume", epoch, step, steps
                 )

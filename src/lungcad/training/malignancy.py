@@ -44,6 +44,7 @@ from lungcad.training.classify import (
     training_fingerprint,
 )
 from lungcad.training.metrics import binary_metrics, roc_auc
+from lungcad.training.optimizer import OptimizerSettings
 from lungcad.training.task import Records, StepOutput, TrainingTask
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,7 @@ class MalignancySettings:
     finetune: Path
     finetune_depth: int = 1
     epoch_samples: int | None = None
-    lr: float = 1e-3
-    momentum: float = 0.99
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     val_stride: int = 10
     seed: int = 0
     augment: AugmentSettings = field(default_factory=AugmentSettings)
@@ -152,7 +152,7 @@ class MalignancyTask(TrainingTask):
         return [p for p in model.parameters() if p.requires_grad]
 
     def make_optimizer(self, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(parameters, lr=self.settings.lr, momentum=self.settings.momentum)
+        return self.settings.optimizer.build(parameters)
 
     def train_samples(self, epoch: int) -> CandidateCrops:
         order = balanced_order(self.train_labels, self.epoch_samples, 1, self.settings.seed, epoch)

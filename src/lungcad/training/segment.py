@@ -3,7 +3,7 @@
 Samples are 7-channel slices (the slice plus 3 neighbours above and below, edge slices
 repeated) in HU clipped to [-1000, 1000], with the ground-truth nodule mask of the middle
 slice. Training sees random 64x64 crops out of a 96x96 window centred on a nodule, on
-slices that hold its voxels; validation sees whole slices of the held-out series, by
+slices that hold its voxels, plus a share of crops from anywhere; validation sees whole slices of the held-out series, by
 default all of them, so false positives on nodule-free slices count. ``nodule_recall``
 checks a trained model on whole volumes: which annotated nodules it finds.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lungcad.analysis.segmentation import segment_volume
-from lungcad.atomic import atomic_write
+from lungcad.atomic import atomic_write, atomic_write_text
 from lungcad.data.cache import VolumeCache, prepare_cache
 from lungcad.data.crops import clip_hu, crop_irc
 from lungcad.data.luna import (
@@ -115,23 +115,35 @@ class SegmentationSamples(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 
 def training_crops(
-    masks: NoduleMasks, series_uids: Iterable[str], count: int, seed: int, epoch: int
+    masks: NoduleMasks,
+    series_uids: Iterable[str],
+    count: int,
+    seed: int,
+    epoch: int,
+    background: float = 0.0,
+    shapes: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> list[SliceSample]:
-    """``count`` random 64x64 crops of nodule slices; a pure function of (seed, epoch).
+    """``count`` random 64x64 training crops; a pure function of (seed, epoch).
 
-    Nodules take turns in a fresh random order each round (a large nodule does not crowd
-    out small ones); each draw picks one of the nodule's slices and a crop position inside
-    the 96x96 window centred on the nodule.
+    A ``background`` fraction of them are windows anywhere in any slice of the series (of
+    volume ``shapes``): without those the model never sees chest wall, heart or bone and
+    calls much of it nodule. The rest are nodule crops: nodules take turns in a fresh
+    random order each round (a large nodule does not crowd out small ones); each draw
+    picks one of the nodule's slices and a crop position inside the 96x96 window centred
+    on the nodule.
     """
+    series_uids = list(series_uids)
     nodules = [
         (uid, nodule) for uid in series_uids for nodule in masks.nodules(uid) if nodule.slices
     ]
     if not nodules:
         raise LungcadError("no training series has an annotated nodule inside its volume")
     rng = np.random.default_rng([seed, epoch])
+    background_count = round(count * background) if shapes else 0
+    nodule_count = count - background_count
     order = np.concatenate(
-        [rng.permutation(len(nodules)) for _ in range(math.ceil(count / len(nodules)))]
-    )[:count]
+        [rng.permutation(len(nodules)) for _ in range(math.ceil(nodule_count / len(nodules)))]
+    )[:nodule_count]
     spare = TRAIN_WINDOW - TRAIN_CROP
     samples = []
     for k in order:
@@ -142,7 +154,18 @@ def training_crops(
         top = row - TRAIN_WINDOW // 2 + row_offset
         left = col - TRAIN_WINDOW // 2 + col_offset
         samples.append(SliceSample(uid, int(index), top, left))
-    return samples
+    for _ in range(background_count):
+        uid = series_uids[int(rng.integers(len(series_uids)))]
+        slices, rows, cols = shapes[uid]  # type: ignore[index]
+        samples.append(
+            SliceSample(
+                uid,
+                int(rng.integers(slices)),
+                int(rng.integers(max(rows - TRAIN_CROP, 0) + 1)),
+                int(rng.integers(max(cols - TRAIN_CROP, 0) + 1)),
+            )
+        )
+    return [samples[i] for i in rng.permutation(len(samples))]
 
 
 def validation_slices(
@@ -225,6 +248,7 @@ class SegmentationSettings:
     epoch_samples: int | None = None
     lr: float = 1e-3
     fn_weight: float = 8.0
+    background: float = 0.25
     val_stride: int = 10
     val_slices: ValSlices = "all"
     image_series: int = 4
@@ -232,6 +256,8 @@ class SegmentationSettings:
     augment: AugmentSettings = field(default_factory=SegmentationAugmentSettings)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.background < 1:
+            raise LungcadError(f"--background {self.background}: must be in [0, 1)")
         if self.val_slices not in VAL_SLICES:
             raise LungcadError(
                 f"--val-slices {self.val_slices!r}: expected one of {', '.join(VAL_SLICES)}"
@@ -295,7 +321,13 @@ class SegmentationTask(TrainingTask):
 
     def train_samples(self, epoch: int) -> SegmentationSamples:
         crops = training_crops(
-            self.masks, self.split.train, self.epoch_samples, self.settings.seed, epoch
+            self.masks,
+            self.split.train,
+            self.epoch_samples,
+            self.settings.seed,
+            epoch,
+            background=self.settings.background,
+            shapes={uid: self.cache.volume(uid).hu.shape for uid in self.split.train},
         )
         return SegmentationSamples(self.cache, self.masks, crops, (TRAIN_CROP, TRAIN_CROP))
 
@@ -333,6 +365,7 @@ class SegmentationTask(TrainingTask):
             "validation": list(self.split.validation),
             "mask": [MASK_FORMAT_VERSION, MASK_THRESHOLD_HU],
             "samples": [CONTEXT_SLICES, TRAIN_WINDOW, TRAIN_CROP, self.epoch_samples],
+            "background": self.settings.background,
             "val_slices": self.settings.val_slices,
         }
         return hashlib.sha256(json.dumps(description).encode()).hexdigest()
@@ -425,3 +458,34 @@ def nodule_recall(
     return NoduleRecall(
         found, total, tuple(missed), ratio(hit_voxels, mask_voxels), predicted_voxels
     )
+
+
+def validation_nodule_report(
+    task: SegmentationTask, checkpoint: Path, device: torch.device | str = "cpu"
+) -> NoduleRecall:
+    """The trained model's nodule-level recall on the validation series, written beside it.
+
+    Pixel recall can look fine while small nodules are missed entirely; this counts them.
+    """
+    from lungcad.models.checkpoint import load_model
+
+    result = nodule_recall(
+        load_model(checkpoint).to(device),
+        task.cache,
+        task.masks,
+        task.split.validation,
+        device=device,
+    )
+    summary = {
+        "checkpoint": checkpoint.name,
+        "nodules_4mm_found": result.found,
+        "nodules_4mm_total": result.total,
+        "pixel_recall": result.pixel_recall,
+        "predicted_voxels": result.predicted_voxels,
+        "missed": [
+            {"series_uid": uid, "center_irc": list(irc), "diameter_mm": d}
+            for uid, irc, d in result.missed
+        ],
+    }
+    atomic_write_text(checkpoint.with_name("nodule_recall.json"), json.dumps(summary, indent=2))
+    return result
