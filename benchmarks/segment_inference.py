@@ -26,10 +26,12 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
+from lungcad.analysis.run import configure_process
 from lungcad.analysis.segmentation import segment_volume
 from lungcad.data.crops import clip_hu, slice_stack
 from lungcad.data.ct import read_ct
 from lungcad.models import load_model
+from lungcad.training.distributed import DistributedContext
 
 SHARED = Path(
     os.environ.get("LUNGCAD_SHARED", Path(__file__).resolve().parents[1].parent / "shared")
@@ -75,6 +77,9 @@ def main() -> None:
         if not path.exists():
             raise SystemExit(f"{path} is absent (set LUNGCAD_SHARED)")
 
+    # As ``lungcad analyze`` does: keep freed activation blocks in the heap. Process-wide,
+    # so the book's loop gets it too (its batch-1 blocks are small enough not to need it).
+    configure_process(DistributedContext())
     hu = read_ct(SCAN).hu
     ours = load_model(WEIGHTS)  # channels_last, eval
     book = load_model(WEIGHTS).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]

@@ -11,6 +11,7 @@ from lungcad.cli import app
 from lungcad.data.crops import clip_hu, slice_stack
 from lungcad.data.ct import read_ct, write_metaimage
 from lungcad.data.geometry import Geometry, irc_to_xyz
+from lungcad.errors import LungcadError
 from lungcad.models import load_model
 from lungcad.training.augment import AugmentSettings
 from lungcad.training.segment import (
@@ -156,6 +157,23 @@ def test_dice_loss_per_sample() -> None:
     assert loss[1] == pytest.approx(1 - 1 / 5)  # (0 + 1) / (0 + 4 + 1)
 
 
+def test_dice_over_the_batch_keeps_penalising_false_positives_on_empty_crops() -> None:
+    label = torch.zeros(2, 1, 16, 16)
+    label[0, 0, 4:8, 4:8] = 1  # a nodule crop, then a background crop
+    prediction = label.clone()
+    prediction[1] = 0.9  # the background crop fires everywhere
+    prediction.requires_grad_(True)
+    per_sample = dice_loss(prediction, label).sum()
+    (per_sample_grad,) = torch.autograd.grad(per_sample, prediction)
+    over_batch = dice_loss(prediction, label, over_batch=True)
+    (over_batch_grad,) = torch.autograd.grad(over_batch, prediction)
+    assert over_batch.shape == ()
+    assert over_batch.item() == pytest.approx(1 - (2 * 16 + 1) / (16 + 0.9 * 256 + 16 + 1))
+    # Per sample, the empty crop's loss is saturated: its gradient is ~1 / 231^2.
+    assert per_sample_grad[1].abs().max() < 1e-4
+    assert over_batch_grad[1].min() > 10 * per_sample_grad[1].abs().max()
+
+
 def test_false_negative_term_ignores_false_positives() -> None:
     label = torch.zeros(1, 1, 8, 8)
     label[..., 2:4, 2:4] = 1
@@ -283,3 +301,12 @@ def test_resumed_run_ends_with_the_same_weights(dataset: Path, tmp_path: Path) -
     resumed = run(tmp_path / "resumed", 2, resume=True)
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_best_checkpoint_metric_is_recall_unless_asked_for_f1(dataset: Path) -> None:
+    assert SegmentationTask(_settings(dataset)).best_metric == "val/recall"
+    assert SegmentationTask(_settings(dataset, best_by="f1")).best_metric == "val/f1"
+    with pytest.raises(LungcadError, match="--best-by"):
+        _settings(dataset, best_by="dice")
+    with pytest.raises(LungcadError, match="--background"):
+        _settings(dataset, background=1.0)

@@ -57,9 +57,25 @@ def demo(
     models.mkdir(parents=True)
     common = {"val_stride": DEMO_VAL_STRIDE, "seed": seed, "no_tensorboard": True}
     _stage(3, "train the segmentation U-Net")
-    segment(data, runs / "segment", epochs=2, epoch_samples=600, **common)  # type: ignore[arg-type]
+    # fn-weight 2 and best by F1: the book's weight 8 makes the U-Net flag all dense tissue.
+    segment(
+        data,
+        runs / "segment",
+        epochs=3,
+        epoch_samples=600,
+        fn_weight=2.0,
+        best_by="f1",
+        **common,  # type: ignore[arg-type]
+    )
     _stage(4, "train the nodule classifier")
-    classify(data, runs / "classify", epochs=2, epoch_samples=2000, **common)  # type: ignore[arg-type]
+    classify(
+        data,
+        runs / "classify",
+        epochs=3,
+        epoch_samples=2000,
+        balance_ratio=3,
+        **common,  # type: ignore[arg-type]
+    )
     _stage(5, "fine-tune the malignancy model")
     malignancy(
         data,

@@ -26,7 +26,7 @@ from lungcad.cli.train_options import (
     report,
     resolve_cache,
 )
-from lungcad.training.segment import ValSlices
+from lungcad.training.segment import BestBy, ValSlices
 
 FnWeight = Annotated[
     float,
@@ -40,6 +40,14 @@ Background = Annotated[
         max=0.95,
         help="Share of training crops taken anywhere in a slice, not around a nodule "
         "(0: the book's nodule-only crops).",
+    ),
+]
+BestByOption = Annotated[
+    BestBy,
+    typer.Option(
+        "--best-by",
+        help="Validation pixel metric that picks best.pt: recall (the book's; favours a "
+        "model that flags too much) or f1.",
     ),
 ]
 ValSlicesOption = Annotated[
@@ -76,6 +84,7 @@ def segment(
     val_stride: ValStride = 10,
     val_slices: ValSlicesOption = "all",
     image_series: ImageSeries = 4,
+    best_by: BestByOption = "recall",
     no_augment: NoAugment = False,
     seed: Seed = 0,
     device: Device = "auto",
@@ -85,8 +94,9 @@ def segment(
 ) -> None:
     """Train the segmentation U-Net on nodule masks grown from the annotations.
 
-    best.pt is chosen by validation pixel recall; RUN_DIR/images/ holds overlays of
-    validation slices (green true positive, red false positive, orange false negative).
+    best.pt is chosen by validation pixel recall (or --best-by f1); RUN_DIR/images/ holds
+    overlays of validation slices (green true positive, red false positive, orange false
+    negative); RUN_DIR/nodule_recall.json says which validation nodules best.pt finds.
     """
     from lungcad.training.augment import SegmentationAugmentSettings
     from lungcad.training.distributed import is_main_process, select_device
@@ -107,6 +117,7 @@ def segment(
         val_stride=val_stride,
         val_slices=val_slices,
         image_series=image_series,
+        best_by=best_by,
         seed=seed,
         augment=SegmentationAugmentSettings.none() if no_augment else SegmentationAugmentSettings(),
     )

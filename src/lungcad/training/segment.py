@@ -54,6 +54,8 @@ THRESHOLD = 0.5
 OVERLAY_SLICES = 6
 ValSlices = Literal["all", "positive"]
 VAL_SLICES: tuple[ValSlices, ...] = ("all", "positive")
+BestBy = Literal["recall", "f1"]
+BEST_BY: tuple[BestBy, ...] = ("recall", "f1")
 # Overlay colours (RGB in [0, 1]) blended over the grey CT slice.
 TP_COLOR, FP_COLOR, FN_COLOR = (0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.55, 0.0)
 
@@ -181,20 +183,29 @@ def validation_slices(
     return samples
 
 
-def dice_loss(prediction: torch.Tensor, label: torch.Tensor, epsilon: float = 1.0) -> torch.Tensor:
-    """Per-sample soft Dice loss, (N, C, H, W) -> (N,)."""
-    dims = tuple(range(1, prediction.dim()))
+def dice_loss(
+    prediction: torch.Tensor, label: torch.Tensor, epsilon: float = 1.0, over_batch: bool = False
+) -> torch.Tensor:
+    """Soft Dice loss of (N, C, H, W): per sample (N,), or one value () over the whole batch.
+
+    Over the batch, a crop without nodule pixels still feels its false positives: per
+    sample its loss is 1 - eps / (sum(prediction) + eps), which saturates (gradient ~
+    1 / sum^2) once a few pixels fire, so background crops teach nothing.
+    """
+    dims = tuple(range(0 if over_batch else 1, prediction.dim()))
     overlap = (prediction * label).sum(dim=dims)
     total = prediction.sum(dim=dims) + label.sum(dim=dims)
     return 1 - (2 * overlap + epsilon) / (total + epsilon)
 
 
 def segmentation_loss(
-    prediction: torch.Tensor, label: torch.Tensor, fn_weight: float
+    prediction: torch.Tensor, label: torch.Tensor, fn_weight: float, over_batch: bool = False
 ) -> torch.Tensor:
-    """The book's loss per sample: Dice plus ``fn_weight`` x Dice over the label pixels only
-    (that term sees missed nodule pixels, never false positives, so it buys recall)."""
-    return dice_loss(prediction, label) + fn_weight * dice_loss(prediction * label, label)
+    """The book's loss: Dice plus ``fn_weight`` x Dice over the label pixels only (that term
+    sees missed nodule pixels, never false positives, so it buys recall)."""
+    return dice_loss(prediction, label, over_batch=over_batch) + fn_weight * dice_loss(
+        prediction * label, label, over_batch=over_batch
+    )
 
 
 def pixel_records(prediction: torch.Tensor, label: torch.Tensor, loss: torch.Tensor) -> Records:
@@ -252,10 +263,13 @@ class SegmentationSettings:
     val_stride: int = 10
     val_slices: ValSlices = "all"
     image_series: int = 4
+    best_by: BestBy = "recall"
     seed: int = 0
     augment: AugmentSettings = field(default_factory=SegmentationAugmentSettings)
 
     def __post_init__(self) -> None:
+        if self.best_by not in BEST_BY:
+            raise LungcadError(f"--best-by {self.best_by!r}: expected one of {', '.join(BEST_BY)}")
         if not 0 <= self.background < 1:
             raise LungcadError(f"--background {self.background}: must be in [0, 1)")
         if self.val_slices not in VAL_SLICES:
@@ -265,13 +279,13 @@ class SegmentationSettings:
 
 
 class SegmentationTask(TrainingTask):
-    """The 2D U-Net on nodule masks; best checkpoint by validation pixel recall."""
+    """The 2D U-Net on nodule masks; best checkpoint by validation pixel recall (or F1)."""
 
-    best_metric = "val/recall"
     best_mode = "max"
 
     def __init__(self, settings: SegmentationSettings) -> None:
         self.settings = settings
+        self.best_metric = f"val/{settings.best_by}"
         self.config = SegmentationConfig(in_channels=2 * CONTEXT_SLICES + 1)
         scans = discover_scans(settings.data_root)
         self.cache = VolumeCache(settings.cache_dir)
@@ -342,16 +356,16 @@ class SegmentationTask(TrainingTask):
         labels = masks.to(device, non_blocking=True).float()  # (N, 1, 64, 64) 0 or 1
         images, labels = self.augmentation(images, labels, generator)  # same shapes
         prediction = model(images)  # (N, 7, 64, 64) -> (N, 1, 64, 64) probabilities
-        loss = segmentation_loss(prediction, labels, self.settings.fn_weight)  # (N,)
-        return StepOutput(loss.mean(), pixel_records(prediction, labels, loss))
+        loss = segmentation_loss(prediction, labels, self.settings.fn_weight, over_batch=True)
+        return StepOutput(loss, pixel_records(prediction, labels, loss.expand(len(images))))
 
     def eval_step(self, model: nn.Module, batch: Any, device: torch.device) -> Records:
         images, masks = batch
         images = images.to(device, non_blocking=True)  # (N, 7, H, W) whole slices
         labels = masks.to(device, non_blocking=True).float()  # (N, 1, H, W)
         prediction = model(images)  # (N, 1, H, W)
-        loss = segmentation_loss(prediction, labels, self.settings.fn_weight)
-        return pixel_records(prediction, labels, loss)
+        loss = segmentation_loss(prediction, labels, self.settings.fn_weight, over_batch=True)
+        return pixel_records(prediction, labels, loss.expand(len(images)))
 
     def metrics(self, records: Records) -> dict[str, float]:
         return segmentation_metrics(records)
