@@ -6,7 +6,9 @@ The same published U-Net weights on the real 512x512x141 chest CT, in one run:
   (b) the same loop with the model in channels_last layout, as ``load_model`` returns it
       (separates the layout's share of the gain from batching's);
   (c) ``lungcad.analysis.segmentation.segment_volume``: batches of int16 stacks converted
-      on the device, channels_last.
+      on the device, channels_last (``lungcad analyze``, default --precision fp32);
+  (d) the same under bfloat16 autocast (``lungcad analyze --precision bf16``), with how
+      many voxels it flags differently from (c).
 (a) and (b) time a subset of slices (``--book-slices``, evenly spaced) to keep the run
 short; (c) segments the whole scan and also reports what it flags (voxels above 0.5 and
 6-connected components).
@@ -31,6 +33,7 @@ from lungcad.analysis.segmentation import segment_volume
 from lungcad.data.crops import clip_hu, slice_stack
 from lungcad.data.ct import read_ct
 from lungcad.models import load_model
+from lungcad.precision import mixed_precision
 from lungcad.training.distributed import DistributedContext
 
 SHARED = Path(
@@ -71,7 +74,7 @@ def book_style(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--book-slices", type=int, default=24)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=2, help="as lungcad analyze on CPU")
     args = parser.parse_args()
     for path in (SCAN, WEIGHTS):
         if not path.exists():
@@ -94,6 +97,10 @@ def main() -> None:
     start = time.perf_counter()
     probs = segment_volume(ours, hu, batch_size=args.batch_size, device="cpu")
     batched_s = (time.perf_counter() - start) / hu.shape[0]
+    start = time.perf_counter()
+    with mixed_precision("bf16", torch.device("cpu")):
+        probs_bf16 = segment_volume(ours, hu, batch_size=args.batch_size, device="cpu")
+    bf16_s = (time.perf_counter() - start) / hu.shape[0]
     book_second, probs_second = book_style(book, hu, second)
     book_cl_second, _ = book_style(ours, hu, second)
     book_s, book_cl_s = (book_first + book_second) / 2, (book_cl_first + book_cl_second) / 2
@@ -112,6 +119,7 @@ def main() -> None:
         ("book: DataLoader batch 1, contiguous", len(subset), book_s),
         ("book loop, channels_last model", len(subset), book_cl_s),
         (f"segment_volume batch {args.batch_size}, channels_last", hu.shape[0], batched_s),
+        (f"segment_volume batch {args.batch_size}, channels_last, bf16", hu.shape[0], bf16_s),
     ]
     for name, count, seconds in rows:
         ratio = rows[0][2] / seconds
@@ -120,6 +128,8 @@ def main() -> None:
     print(
         f"flagged: {int(flagged.sum()):,} voxels above 0.5 in {components} components (6-connected)"
     )
+    flipped = int(((probs_bf16 > 0.5) != flagged).sum())
+    print(f"bf16 flags {flipped:,} voxels differently ({flipped / max(int(flagged.sum()), 1):.2%})")
 
 
 if __name__ == "__main__":

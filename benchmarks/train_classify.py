@@ -42,13 +42,13 @@ from lungcad.data.ct import CtVolume, read_ct
 from lungcad.data.geometry import xyz_to_irc
 from lungcad.data.luna import CandidateInfo, discover_scans
 from lungcad.models import LunaModel
+from lungcad.precision import Precision, has_native_bf16, mixed_precision
 from lungcad.training.augment import AugmentSettings, CropAugmentation
 from lungcad.training.classify import (
     ClassificationTask,
     ClassifySettings,
     to_model_input,
 )
-from lungcad.training.engine import Precision, has_native_bf16, mixed_precision
 
 CPU = torch.device("cpu")
 

@@ -96,6 +96,19 @@ def test_loading_checks_the_model_kinds(model_dir: Path) -> None:
 def test_options_reject_bad_thresholds() -> None:
     with pytest.raises(LungcadError, match="nodule_threshold"):
         AnalysisOptions(nodule_threshold=1.5)
+    with pytest.raises(LungcadError, match="--precision fp8"):
+        AnalysisOptions(segmentation_precision="fp8")  # type: ignore[arg-type]
+
+
+def test_bf16_segmentation_finds_the_same_spheres(
+    bundle: ModelBundle, tiny_volume: CtVolume
+) -> None:
+    exact = analyze_ct(tiny_volume, bundle, AnalysisOptions(), load_seconds=0.0)
+    fast = analyze_ct(
+        tiny_volume, bundle, AnalysisOptions(segmentation_precision="bf16"), load_seconds=0.0
+    )
+    assert [d.center_irc for d in fast.nodules] == [d.center_irc for d in exact.nodules]
+    assert fast.funnel == exact.funnel
 
 
 def test_classify_crops_equals_one_crop_at_a_time() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lungcad.errors import LungcadError
-from lungcad.training.engine import has_native_bf16, mixed_precision
+from lungcad.precision import has_native_bf16, mixed_precision
 from lungcad.training.optimizer import OptimizerSettings, schedule_factor
 
 

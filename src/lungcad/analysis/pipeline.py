@@ -30,6 +30,7 @@ from lungcad.data.ct import CtVolume
 from lungcad.data.geometry import Geometry, Xyz
 from lungcad.errors import LungcadError
 from lungcad.models import LoadedModel, file_sha256, load_model_with_info
+from lungcad.precision import PRECISIONS, Precision, mixed_precision
 from lungcad.training.distributed import select_device
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,15 @@ class AnalysisOptions:
     segmentation_batch_size: int | None = None  # None: 2 slices on CPU, 16 on a GPU
     classifier_batch_size: int = 32
     device: str = "auto"
+    # The U-Net in bfloat16 where asked: ~2x faster on AMX CPUs, but it flips ~0.6% of the
+    # flagged voxels of a real CT, so exact float32 stays the default.
+    segmentation_precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
+        if self.segmentation_precision not in PRECISIONS:
+            raise LungcadError(
+                f"--precision {self.segmentation_precision}: must be one of {', '.join(PRECISIONS)}"
+            )
         for name in ("segmentation_threshold", "nodule_threshold", "malignancy_threshold"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -271,14 +279,15 @@ def analyze_ct(
         timings[stage] = now - clock
         clock = now
 
-    probabilities = segment_volume(
-        models.segmenter,
-        volume.hu,
-        batch_size=options.slices_per_batch(models.device),
-        device=models.device,
-        context=models.segmentation_context,
-        progress=lambda done, total: report("segment", done, total),
-    )
+    with mixed_precision(options.segmentation_precision, models.device):
+        probabilities = segment_volume(
+            models.segmenter,
+            volume.hu,
+            batch_size=options.slices_per_batch(models.device),
+            device=models.device,
+            context=models.segmentation_context,
+            progress=lambda done, total: report("segment", done, total),
+        )
     lap("segment")
     report("group", 0, 1)
     mask = probabilities > options.segmentation_threshold

@@ -15,6 +15,7 @@ from lungcad.analysis.pipeline import (
 )
 from lungcad.analysis.run import configure_process, resolve_inputs, run_analysis
 from lungcad.errors import LungcadError
+from lungcad.precision import Precision
 from lungcad.progress import make_progress
 from lungcad.training.distributed import init_distributed, select_device, shutdown_distributed
 
@@ -69,6 +70,13 @@ def analyze(
     backend: Annotated[
         str, typer.Option(help="U-Net runtime: torch, or onnx (onnxruntime, CPU only).")
     ] = "torch",
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            help="U-Net arithmetic (torch backend): fp32 (exact), bf16 (~2x faster on AMX "
+            "CPUs, flips ~0.6% of flagged voxels), or auto (bf16 where native)."
+        ),
+    ] = "fp32",
 ) -> None:
     """Find nodules: segment, group, classify, estimate malignancy; write JSON, HTML, CSV."""
     options = AnalysisOptions(
@@ -78,6 +86,7 @@ def analyze(
         segmentation_batch_size=batch_size,
         classifier_batch_size=cls_batch_size,
         device=device,
+        segmentation_precision=precision,
     )
     wanted = [uid.strip() for uid in (series or "").split(",") if uid.strip()]
     analysis_inputs = resolve_inputs(inputs, series=wanted, split=split, val_stride=val_stride)

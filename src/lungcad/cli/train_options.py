@@ -13,7 +13,8 @@ from typing import Annotated
 import typer
 
 from lungcad.data.cache import default_cache_dir
-from lungcad.training.engine import EngineOptions, Precision, TrainingResult
+from lungcad.precision import Precision
+from lungcad.training.engine import EngineOptions, TrainingResult
 from lungcad.training.optimizer import OptimizerName, ScheduleName
 
 DataRoot = Annotated[

@@ -16,11 +16,10 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lungcad.atomic import atomic_write_text
 from lungcad.errors import LungcadError
 from lungcad.models.checkpoint import load_checkpoint, save_checkpoint
+from lungcad.precision import Precision, mixed_precision
 from lungcad.progress import make_progress
 from lungcad.training.distributed import (
     DistributedContext,
@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.jsonl"
-
-Precision = Literal["auto", "fp32", "bf16"]
-PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -102,30 +99,6 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """A well-mixed 63-bit seed for one step's augmentation."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def has_native_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 math is done in hardware here (CUDA bf16, or AVX512-BF16 / AMX CPUs);
-    elsewhere it is emulated and slower than float32."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        cpu = torch.cpu
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-    return False
-
-
-def mixed_precision(precision: Precision, device: torch.device) -> AbstractContextManager[Any]:
-    """Autocast to bfloat16 for ``bf16`` (and for ``auto`` where the hardware has it).
-
-    Weights, optimizer state and losses stay float32; only convolutions and matmuls run in
-    bfloat16, which on AMX CPUs makes a LunaModel step about 1.6x faster.
-    """
-    if precision not in PRECISIONS:
-        raise LungcadError(f"--precision {precision}: must be one of {', '.join(PRECISIONS)}")
-    enabled = precision == "bf16" or (precision == "auto" and has_native_bf16(device))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _detached(records: Records) -> Records:
