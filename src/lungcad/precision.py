@@ -30,9 +30,14 @@ def has_native_bf16(device: torch.device) -> bool:
     return False
 
 
-def mixed_precision(precision: Precision, device: torch.device) -> AbstractContextManager[Any]:
-    """Autocast to bfloat16 for ``bf16``, and for ``auto`` where the hardware has it."""
+def check_precision(precision: str) -> None:
+    """A user error, not a crash later, for a name that is not a precision."""
     if precision not in PRECISIONS:
         raise LungcadError(f"--precision {precision}: must be one of {', '.join(PRECISIONS)}")
+
+
+def mixed_precision(precision: Precision, device: torch.device) -> AbstractContextManager[Any]:
+    """Autocast to bfloat16 for ``bf16``, and for ``auto`` where the hardware has it."""
+    check_precision(precision)
     enabled = precision == "bf16" or (precision == "auto" and has_native_bf16(device))
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

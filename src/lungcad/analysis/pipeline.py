@@ -30,7 +30,7 @@ from lungcad.data.ct import CtVolume
 from lungcad.data.geometry import Geometry, Xyz
 from lungcad.errors import LungcadError
 from lungcad.models import LoadedModel, file_sha256, load_model_with_info
-from lungcad.precision import PRECISIONS, Precision, mixed_precision
+from lungcad.precision import Precision, check_precision, mixed_precision
 from lungcad.training.distributed import select_device
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,7 @@ class AnalysisOptions:
     segmentation_precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
-        if self.segmentation_precision not in PRECISIONS:
-            raise LungcadError(
-                f"--precision {self.segmentation_precision}: must be one of {', '.join(PRECISIONS)}"
-            )
+        check_precision(self.segmentation_precision)
         for name in ("segmentation_threshold", "nodule_threshold", "malignancy_threshold"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -3,9 +3,10 @@
 Samples are 7-channel slices (the slice plus 3 neighbours above and below, edge slices
 repeated) in HU clipped to [-1000, 1000], with the ground-truth nodule mask of the middle
 slice. Training sees random 64x64 crops out of a 96x96 window centred on a nodule, on
-slices that hold its voxels, plus a share of crops from anywhere; validation sees whole slices of the held-out series, by
-default all of them, so false positives on nodule-free slices count. ``nodule_recall``
-checks a trained model on whole volumes: which annotated nodules it finds.
+slices that hold its voxels, plus a share of crops from anywhere; validation sees whole
+slices of the held-out series, by default all of them, so false positives on nodule-free
+slices count. ``nodule_recall`` checks a trained model on whole volumes: which annotated
+nodules it finds.
 """
 
 from __future__ import annotations
@@ -302,6 +303,7 @@ class SegmentationTask(TrainingTask):
         self.masks = NoduleMasks(self.cache, self.annotations)
         self.masks.ensure(list(scans))
         self.epoch_samples = settings.epoch_samples or self.default_epoch_samples()
+        self.train_shapes = {uid: self.cache.volume(uid).hu.shape for uid in self.split.train}
         self.augmentation = SegmentationAugmentation(settings.augment)
         self._validation = validation_slices(
             self.cache, self.masks, self.split.validation, settings.val_slices
@@ -341,7 +343,7 @@ class SegmentationTask(TrainingTask):
             self.settings.seed,
             epoch,
             background=self.settings.background,
-            shapes={uid: self.cache.volume(uid).hu.shape for uid in self.split.train},
+            shapes=self.train_shapes,
         )
         return SegmentationSamples(self.cache, self.masks, crops, (TRAIN_CROP, TRAIN_CROP))
 
