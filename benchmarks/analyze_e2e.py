@@ -4,9 +4,13 @@ Same weights (the book's published checkpoints), same CT, same run. Each variant
 a fresh subprocess limited to ``--threads`` torch threads, reporting its stage times and
 its own peak RSS (``ru_maxrss``):
 
-  ours       ``lungcad analyze``'s code path: one CT load, batched channels_last U-Net,
-             in-memory crops classified in batches, JSON + HTML + CSV written.
-  ours-onnx  the same with the U-Net run by onnxruntime (``--backend onnx``).
+  ours       ``lungcad analyze``'s code path: one CT load, the fused channels_last U-Net
+             on the body window in batches, one candidate per component plus the blobs
+             of large components, in-memory crops classified in batches, JSON + HTML +
+             CSV written.
+  ours-no-blobs  the same with one candidate per component, as the book (``--no-blobs``):
+             its detections are compared with the book's.
+  ours-onnx  ``ours`` with the U-Net run by onnxruntime (``--backend onnx``).
   baseline   the book's ``nodule_analysis.py`` flow: the CT reloaded for each stage, a
              per-slice DataLoader (batch 4, num_workers 0) into a contiguous-layout
              U-Net, grouping on a float copy of the volume, and every candidate crop
@@ -48,7 +52,7 @@ BOOK_DETECTIONS = [
     (0.5204, 233.40, 61.59, -30.5),
 ]
 MATCH_MM = 3.0
-VARIANTS = ("ours", "ours-onnx", "baseline")
+VARIANTS = ("ours", "ours-no-blobs", "ours-onnx", "baseline")
 
 
 def peak_rss_mb() -> float:
@@ -61,7 +65,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_ours(ct_path: Path, backend: str, workdir: Path) -> dict[str, Any]:
+def run_ours(ct_path: Path, backend: str, blobs: bool, workdir: Path) -> dict[str, Any]:
     from lungcad.analysis.pipeline import AnalysisOptions, ModelBundle
     from lungcad.analysis.run import AnalysisInputs, configure_process, run_analysis
     from lungcad.training.distributed import DistributedContext
@@ -70,8 +74,9 @@ def run_ours(ct_path: Path, backend: str, workdir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     models = ModelBundle.load(SEGMENTER, CLASSIFIER, device="cpu", backend=backend)
     model_seconds = time.perf_counter() - start
-    out = workdir / f"out-{backend}"
-    run_analysis(AnalysisInputs((ct_path,)), models, AnalysisOptions(), out, DistributedContext())
+    out = workdir / f"out-{backend}-{blobs}"
+    options = AnalysisOptions(blob_candidates=blobs)
+    run_analysis(AnalysisInputs((ct_path,)), models, options, out, DistributedContext())
     total = time.perf_counter() - start
     (record_path,) = [p for p in out.glob("*.json")]
     timings = json.loads(record_path.read_text())["timings_s"]
@@ -208,7 +213,8 @@ def child(variant: str, ct_path: Path, threads: int, subset: int, workdir: Path)
     if variant == "baseline":
         record = run_baseline(ct_path, subset)
     else:
-        record = run_ours(ct_path, "onnx" if variant == "ours-onnx" else "torch", workdir)
+        backend = "onnx" if variant == "ours-onnx" else "torch"
+        record = run_ours(ct_path, backend, variant != "ours-no-blobs", workdir)
     record["peak_rss_mb"] = peak_rss_mb()
     record["cpu_s"] = cpu_seconds()
     record["inside_body"] = detections_inside(record["candidates"], ct_path)
@@ -232,7 +238,7 @@ def print_table(records: dict[str, dict[str, Any]], ct_path: Path) -> None:
     base = records.get("baseline")
     print(
         f"{'stage (s)':<22}"
-        + "".join(f"{n:>12}" for n in names)
+        + "".join(f"{n:>14}" for n in names)
         + ("   baseline/ours" if base else "")
     )
     for stage in [*stages, "total"]:
@@ -240,18 +246,18 @@ def print_table(records: dict[str, dict[str, Any]], ct_path: Path) -> None:
             r["total"] if stage == "total" else r["stages"].get(stage, 0.0)
             for r in records.values()
         ]
-        line = f"{stage:<22}" + "".join(f"{v:12.2f}" for v in values)
+        line = f"{stage:<22}" + "".join(f"{v:14.2f}" for v in values)
         ours = records.get("ours")
         if base and ours:
             mine = ours["total"] if stage == "total" else ours["stages"].get(stage, 0.0)
             theirs = base["total"] if stage == "total" else base["stages"].get(stage, 0.0)
             line += f"   {theirs / mine:8.1f}x" if mine > 0.005 else ""
         print(line)
-    print(f"{'CPU s (user+sys)':<22}" + "".join(f"{r['cpu_s']:12.1f}" for r in records.values()))
-    print(f"{'peak RSS (MB)':<22}" + "".join(f"{r['peak_rss_mb']:12.0f}" for r in records.values()))
+    print(f"{'CPU s (user+sys)':<22}" + "".join(f"{r['cpu_s']:14.1f}" for r in records.values()))
+    print(f"{'peak RSS (MB)':<22}" + "".join(f"{r['peak_rss_mb']:14.0f}" for r in records.values()))
     print(
         f"{'candidates':<22}"
-        + "".join(f"{r.get('all_candidates', len(r['candidates'])):12d}" for r in records.values())
+        + "".join(f"{r.get('all_candidates', len(r['candidates'])):14d}" for r in records.values())
     )
     if base:
         print(

@@ -4,23 +4,27 @@ The same published U-Net weights on the real 512x512x141 chest CT, in one run:
   (a) the book's way: a Dataset returning one float32 7-slice stack per item, a DataLoader
       with batch_size 1, the model in PyTorch's default (contiguous) layout;
   (b) the same loop with the model in channels_last layout, as ``load_model`` returns it
-      (separates the layout's share of the gain from batching's);
-  (c) ``lungcad.analysis.segmentation.segment_volume``: batches of int16 stacks converted
-      on the device, channels_last (``lungcad analyze``, default --precision fp32);
-  (d) the same under bfloat16 autocast (``lungcad analyze --precision bf16``), with how
-      many voxels it flags differently from (c).
+      (separates the layout's share of the gain from the rest);
+  (c) ``segment_volume`` on whole slices with the fused model ``lungcad analyze`` runs
+      (conv -> ReLU -> batch norm as one conv and one clamp), batches of int16 stacks
+      converted on the device, channels_last (``lungcad analyze --whole-slices``);
+  (d) the same on the body window only (``lungcad analyze``, the default): the patient
+      plus the U-Net's reach, so outputs inside the body are those of (c);
+  (e) (d) under bfloat16 autocast (``lungcad analyze --precision bf16``).
 (a) and (b) time a subset of slices (``--book-slices``, evenly spaced) to keep the run
-short; (c) segments the whole scan and also reports what it flags (voxels above 0.5 and
-6-connected components).
+short. Also printed: what each flags (voxels above 0.5, 6-connected components) and how
+many flagged voxels differ from the book's arithmetic on the common slices.
 
-    python benchmarks/segment_inference.py [--book-slices 24] [--batch-size 8]
+    python benchmarks/segment_inference.py [--book-slices 24] [--batch-size 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +33,15 @@ from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
 from lungcad.analysis.run import configure_process
-from lungcad.analysis.segmentation import segment_volume
+from lungcad.analysis.segmentation import body_window, segment_volume
 from lungcad.data.crops import clip_hu, slice_stack
 from lungcad.data.ct import read_ct
-from lungcad.models import load_model
+from lungcad.models import (
+    SegmentationConfig,
+    SegmentationModel,
+    fuse_for_inference,
+    load_model_with_info,
+)
 from lungcad.precision import mixed_precision
 from lungcad.training.distributed import DistributedContext
 
@@ -71,6 +80,18 @@ def book_style(
     return (time.perf_counter() - start) / len(indices), np.concatenate(outputs)
 
 
+def timed(run: Callable[[], np.ndarray], slices: int) -> tuple[float, np.ndarray]:
+    start = time.perf_counter()
+    probabilities = run()
+    return (time.perf_counter() - start) / slices, probabilities
+
+
+def flagged_summary(probabilities: np.ndarray) -> str:
+    flagged = probabilities > 0.5
+    _, components = ndimage.label(flagged)
+    return f"{int(flagged.sum()):,} voxels in {components} components"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--book-slices", type=int, default=24)
@@ -84,52 +105,74 @@ def main() -> None:
     # so the book's loop gets it too (its batch-1 blocks are small enough not to need it).
     configure_process(DistributedContext())
     hu = read_ct(SCAN).hu
-    ours = load_model(WEIGHTS)  # channels_last, eval
-    book = load_model(WEIGHTS).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    subset = np.linspace(0, hu.shape[0] - 1, args.book_slices).round().astype(int).tolist()
+    slices = hu.shape[0]
+    loaded = load_model_with_info(WEIGHTS)
+    config, channels_last = loaded.config, loaded.model  # channels_last, eval
+    assert isinstance(config, SegmentationConfig) and isinstance(channels_last, SegmentationModel)
+    book = copy.deepcopy(channels_last).to(memory_format=torch.contiguous_format)
+    fused = fuse_for_inference(channels_last)
+    window = body_window(hu, config.reach, config.size_multiple)
+    subset = np.linspace(0, slices - 1, args.book_slices).round().astype(int).tolist()
     book_style(book, hu, subset[:2])  # warm-up: first-call allocations
 
+    def ours(use_window: bool) -> np.ndarray:
+        return segment_volume(
+            fused,
+            hu,
+            batch_size=args.batch_size,
+            window=window if use_window else None,
+            size_multiple=config.size_multiple,
+        )
+
+    def ours_bf16() -> np.ndarray:
+        with mixed_precision("bf16", torch.device("cpu")):
+            return ours(True)
+
     # Machines here are shared: the book's slices are timed half before and half after the
-    # whole-scan run, so a change in load hits both sides alike.
+    # whole-scan runs, so a change in load hits both sides alike.
     first, second = subset[::2], subset[1::2]
     book_first, probs_first = book_style(book, hu, first)
-    book_cl_first, _ = book_style(ours, hu, first)
-    start = time.perf_counter()
-    probs = segment_volume(ours, hu, batch_size=args.batch_size, device="cpu")
-    batched_s = (time.perf_counter() - start) / hu.shape[0]
-    start = time.perf_counter()
-    with mixed_precision("bf16", torch.device("cpu")):
-        probs_bf16 = segment_volume(ours, hu, batch_size=args.batch_size, device="cpu")
-    bf16_s = (time.perf_counter() - start) / hu.shape[0]
+    book_cl_first, _ = book_style(channels_last, hu, first)
+    whole_s, whole = timed(lambda: ours(False), slices)
+    window_s, windowed = timed(lambda: ours(True), slices)
+    bf16_s, bf16 = timed(ours_bf16, slices)
     book_second, probs_second = book_style(book, hu, second)
-    book_cl_second, _ = book_style(ours, hu, second)
+    book_cl_second, _ = book_style(channels_last, hu, second)
     book_s, book_cl_s = (book_first + book_second) / 2, (book_cl_first + book_cl_second) / 2
 
-    flagged = probs > 0.5
-    _, components = ndimage.label(flagged)
-    difference = float(
-        np.abs(probs[[*first, *second]] - np.concatenate([probs_first, probs_second])).max()
-    )
     print(
-        f"scan {SCAN.name}: {hu.shape[0]} slices of {hu.shape[1]}x{hu.shape[2]}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"scan {SCAN.name}: {slices} slices of {hu.shape[1]}x{hu.shape[2]}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; body window rows "
+        f"{window[0].start}:{window[0].stop}, columns {window[1].start}:{window[1].stop}"
     )
-    print(f"{'how':52} {'slices':>6} {'s/slice':>8} {'slices/s':>9} {'vs book':>8}")
+    print(f"{'how':54} {'slices':>6} {'s/slice':>8} {'slices/s':>9} {'vs book':>8}")
     rows = [
-        ("book: DataLoader batch 1, contiguous", len(subset), book_s),
-        ("book loop, channels_last model", len(subset), book_cl_s),
-        (f"segment_volume batch {args.batch_size}, channels_last", hu.shape[0], batched_s),
-        (f"segment_volume batch {args.batch_size}, channels_last, bf16", hu.shape[0], bf16_s),
+        ("(a) book: DataLoader batch 1, contiguous", len(subset), book_s),
+        ("(b) book loop, channels_last model", len(subset), book_cl_s),
+        (f"(c) segment_volume batch {args.batch_size}, fused, whole slices", slices, whole_s),
+        (f"(d) segment_volume batch {args.batch_size}, fused, body window", slices, window_s),
+        ("(e) (d) under bf16 autocast", slices, bf16_s),
     ]
     for name, count, seconds in rows:
         ratio = rows[0][2] / seconds
-        print(f"{name:52} {count:>6} {seconds:>8.3f} {1 / seconds:>9.2f} {ratio:>7.2f}x")
-    print(f"max |difference| on the common slices: {difference:.2e}")
+        print(f"{name:54} {count:>6} {seconds:>8.3f} {1 / seconds:>9.2f} {ratio:>7.2f}x")
+
+    common = [*first, *second]
+    book_flags = np.concatenate([probs_first, probs_second]) > 0.5
+    inside = np.zeros(hu.shape[1:], dtype=bool)
+    inside[window] = True
+    for name, probabilities in (("(c)", whole), ("(d)", windowed), ("(e)", bf16)):
+        differ = int(((probabilities[common] > 0.5) != book_flags).sum())
+        print(
+            f"{name} flags {flagged_summary(probabilities)}; on the book's slices "
+            f"{differ:,} voxels flagged differently from (a)"
+        )
+    outside = int((whole[:, ~inside] > 0.5).sum())
+    inside_difference = float(np.abs(whole[:, inside] - windowed[:, inside]).max())
     print(
-        f"flagged: {int(flagged.sum()):,} voxels above 0.5 in {components} components (6-connected)"
+        f"(c) vs (d): max |difference| inside the window {inside_difference:.1e}; "
+        f"(c) flags {outside:,} voxels outside it (air)"
     )
-    flipped = int(((probs_bf16 > 0.5) != flagged).sum())
-    print(f"bf16 flags {flipped:,} voxels differently ({flipped / max(int(flagged.sum()), 1):.2%})")
 
 
 if __name__ == "__main__":

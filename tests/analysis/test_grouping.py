@@ -82,3 +82,50 @@ def test_diameter_is_that_of_a_sphere_of_the_component_volume() -> None:
 def test_empty_mask_gives_no_candidates() -> None:
     grouping = group_mask(np.zeros((4, 4, 4), bool), np.zeros((4, 4, 4), np.int16), UNIT)
     assert (grouping.components, grouping.voxels_above_threshold) == ((), 0)
+
+
+def ball(mask: np.ndarray, centre: tuple[int, int, int], radius: float) -> None:
+    i, r, c = np.ogrid[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
+    mask |= (i - centre[0]) ** 2 + (r - centre[1]) ** 2 + (c - centre[2]) ** 2 <= radius**2
+
+
+def nodule_on_a_vessel() -> np.ndarray:
+    """A 6-voxel-radius ball on a long 5x5 rod: one component, its centre on the rod."""
+    mask = np.zeros((24, 24, 80), dtype=bool)
+    ball(mask, (12, 12, 10), 6)
+    mask[10:15, 10:15, 10:78] = True
+    return mask
+
+
+def test_a_nodule_merged_with_a_vessel_is_a_blob_of_its_component() -> None:
+    grouping = group_mask(nodule_on_a_vessel(), np.zeros((24, 24, 80), np.int16), UNIT)
+    (component,) = grouping.components
+    assert component.center_irc[2] > 25, "the rod pulls the centre far from the ball"
+    near_ball = [b for b in grouping.blobs if abs(b.center_irc[2] - 10) < 3]
+    (blob,) = near_ball
+    assert blob.center_irc == pytest.approx((12, 12, 10), abs=0.5)
+    assert blob.diameter_mm == pytest.approx(2 * 5, abs=1.0)  # eroded ball: radius ~5
+    assert blob.voxels == component.voxels
+    assert grouping.candidates == (component, *grouping.blobs)
+    # Blobs on the rod are thinner, and none sits inside another's sphere.
+    assert all(b.diameter_mm < blob.diameter_mm for b in grouping.blobs if b is not blob)
+
+
+def test_blobs_can_be_switched_off_and_small_components_have_none() -> None:
+    mask = nodule_on_a_vessel()
+    hu = np.zeros(mask.shape, np.int16)
+    assert group_mask(mask, hu, UNIT, blob_search_min_mm3=None).blobs == ()
+    assert group_mask(mask, hu, UNIT, blob_search_min_mm3=float(mask.sum())).blobs == ()
+
+
+def test_a_lone_ball_or_a_thin_rod_gives_no_extra_blob() -> None:
+    mask = np.zeros((24, 24, 80), dtype=bool)
+    ball(mask, (12, 12, 12), 7)  # its centre is its component's centre
+    mask[2:4, 2:4, 2:78] = True  # thinner than BLOB_MIN_RADIUS_MM once eroded
+    mask[6:9, 20:23, 30:78] = True  # 3x3 rod: erodes to a 1-voxel line, distance 1
+    grouping = group_mask(mask, np.zeros(mask.shape, np.int16), UNIT, blob_search_min_mm3=1.0)
+    assert len(grouping.components) == 2
+    rod_blobs = [b for b in grouping.blobs if b.center_irc[1] > 15]
+    ball_blobs = [b for b in grouping.blobs if b.center_irc[1] <= 15]
+    assert ball_blobs == []
+    assert all(b.diameter_mm == pytest.approx(2.0) for b in rod_blobs)

@@ -22,6 +22,7 @@ FUNNEL_KEYS = {
     "voxels_above_threshold",
     "voxels_after_erosion",
     "components",
+    "blobs_in_large_components",
     "candidates_classified",
     "nodules",
     "malignant",
@@ -49,6 +50,7 @@ def test_finds_the_two_dense_spheres(bundle: ModelBundle, tiny_volume: CtVolume)
         "voxels_above_threshold": above,
         "voxels_after_erosion": sum(d.voxels for d in nodules),
         "components": 2,
+        "blobs_in_large_components": 0,  # both smaller than BLOB_SEARCH_MIN_MM3
         "candidates_classified": 2,
         "nodules": 2,
         "malignant": 0,

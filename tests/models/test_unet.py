@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from lungcad.data.crops import clip_hu
 from lungcad.data.ct import read_ct
-from lungcad.models import SegmentationConfig, SegmentationModel, load_model
+from lungcad.models import SegmentationConfig, SegmentationModel, fuse_for_inference, load_model
 from tests.conftest import shared_file
 
 BOOK_SEGMENTER = (
@@ -150,3 +150,52 @@ def test_book_weights_on_real_ct_match_reference_and_functional_forward() -> Non
     # Same arithmetic as the book in the same layout; channels_last only reorders sums.
     torch.testing.assert_close(contiguous_out, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+def trained_looking(config: SegmentationConfig) -> SegmentationModel:
+    """A random U-Net whose batch norms have non-trivial statistics, some scales negative."""
+    torch.manual_seed(1)
+    model = SegmentationModel(config).eval()
+    with torch.no_grad():
+        for norm in model.modules():
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                norm.running_mean.uniform_(-1, 1)
+                norm.running_var.uniform_(0.5, 2)
+                norm.weight.uniform_(-1, 2)
+                norm.weight[0] = 0.0  # a dead channel: constant output
+                norm.bias.uniform_(-1, 1)
+    return model
+
+
+@pytest.mark.parametrize("config", [SegmentationConfig(), SegmentationConfig(depth=2, wf=2)])
+def test_fused_model_gives_the_same_probabilities(config: SegmentationConfig) -> None:
+    model = trained_looking(config).double()  # float64: only the algebra can differ
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.unet.modules())
+    slices = torch.randn(2, 7, 32, 48, dtype=torch.float64) * 400
+    with torch.no_grad():
+        torch.testing.assert_close(fused(slices), model(slices), atol=1e-12, rtol=0)
+    assert all(isinstance(m, torch.nn.BatchNorm2d) for m in model.unet.down_path[0].block[2::3])
+
+
+def test_fusing_leaves_a_model_without_batch_norm_alone() -> None:
+    model = SegmentationModel(SegmentationConfig(depth=2, wf=2, batch_norm=False)).eval()
+    slices = torch.randn(1, 7, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fuse_for_inference(model)(slices), model(slices))
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_reach_bounds_how_far_a_pixel_changes_the_output(depth: int) -> None:
+    config = SegmentationConfig(depth=depth, wf=2)
+    model = trained_looking(config)
+    size = 4 * config.reach + 8
+    slices = torch.randn(1, 7, size, size) * 400
+    changed = slices.clone()
+    centre = size // 2
+    changed[..., centre, centre] += 1000.0
+    with torch.no_grad():
+        moved = (model(changed) - model(slices)).abs()[0, 0] > 0
+    rows, cols = torch.nonzero(moved, as_tuple=True)
+    distance = torch.maximum((rows - centre).abs(), (cols - centre).abs())
+    assert 0 < int(distance.max()) <= config.reach

@@ -4,6 +4,10 @@ Every axial slice is segmented with ``context`` neighbours above and below as in
 channels (edge slices repeated, as ``lungcad.data.crops.slice_stack`` does). Only one
 batch of stacks exists at a time, built from the int16 volume and converted to float32
 on the model's device, so memory stays at the volume, the output and one batch.
+
+Only a window of each slice need be segmented: ``body_window`` finds the rows and
+columns holding the patient, grown by the U-Net's reach so that every output inside the
+body is the one a whole-slice pass gives; the air around it is never flagged.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from lungcad.data.crops import HU_CLIP
+from lungcad.data.ct import HU_AIR
 from lungcad.models import LoadedModel
 
 if TYPE_CHECKING:  # onnx and onnxruntime take ~1 s to import; only the onnx backend needs them
@@ -25,6 +31,13 @@ if TYPE_CHECKING:  # onnx and onnxruntime take ~1 s to import; only the onnx bac
 SliceModel = Callable[[torch.Tensor], torch.Tensor]
 """(N, 2*context+1, R, C) float32 clipped HU -> (N, 1, R, C) probabilities."""
 SEGMENTATION_BACKENDS = ("torch", "onnx")
+SliceWindow = tuple[slice, slice]
+"""(rows, columns) of each slice that are segmented; the rest is left at probability 0."""
+BODY_HU = -500.0  # denser than lung and air: skin, fat, muscle, bone
+BODY_SEARCH_STEP = 4  # the body is found on a grid this much coarser in-plane
+# A chest CT's body is a third or more of its voxels; a phantom of a few dense blobs or a
+# field of view inside the lungs has no such region and is segmented whole.
+MIN_BODY_SHARE = 0.05
 
 
 class OnnxSliceModel:
@@ -76,6 +89,49 @@ def hu_batch(hu_stacks: np.ndarray, device: torch.device) -> torch.Tensor:
     return batch.to(torch.float32).clamp_(*HU_CLIP)
 
 
+def _aligned_span(low: int, high: int, size: int, reach: int, multiple: int) -> slice:
+    """``low..high`` grown by ``reach`` on both sides, starting on a multiple of ``multiple``
+    (the U-Net's pooling grid stays where a whole-slice pass puts it), within ``0..size``."""
+    start = max(0, (low - reach) // multiple * multiple)
+    return slice(start, min(size, high + 1 + reach))
+
+
+def body_window(hu: np.ndarray, reach: int, multiple: int = 1) -> SliceWindow:
+    """The part of every slice worth segmenting: the patient plus ``reach`` pixels.
+
+    The patient is the largest connected region denser than ``BODY_HU``, found on a
+    ``BODY_SEARCH_STEP`` times coarser grid; the table, arms and clothes are separate
+    regions or inside the window anyway. ``reach`` is how far an input pixel can change
+    the U-Net's output (``SegmentationConfig.reach``), so every output inside the body is
+    the one the whole slice gives. Without a region of ``MIN_BODY_SHARE`` of the volume
+    the slices are segmented whole.
+    """
+    if hu.ndim != 3:
+        raise ValueError(f"expected an (I, R, C) volume, got shape {hu.shape}")
+    step = BODY_SEARCH_STEP
+    labels, _ = ndimage.label(hu[:, ::step, ::step] > BODY_HU)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    if sizes.max() < MIN_BODY_SHARE * labels.size:
+        return (slice(0, hu.shape[1]), slice(0, hu.shape[2]))
+    body = labels == int(sizes.argmax())
+    rows = np.flatnonzero(body.any(axis=(0, 2))) * step
+    cols = np.flatnonzero(body.any(axis=(0, 1))) * step
+    return (
+        _aligned_span(int(rows[0]), int(rows[-1]) + step - 1, hu.shape[1], reach, multiple),
+        _aligned_span(int(cols[0]), int(cols[-1]) + step - 1, hu.shape[2], reach, multiple),
+    )
+
+
+def _pad_to_multiple(stacks: np.ndarray, multiple: int) -> np.ndarray:
+    """Air below and right of (N, K, R, C) stacks so that R and C are multiples."""
+    extra = [(-size) % multiple for size in stacks.shape[-2:]]
+    if not any(extra):
+        return stacks
+    padding = ((0, 0), (0, 0), (0, extra[0]), (0, extra[1]))
+    return np.pad(stacks, padding, constant_values=HU_AIR)
+
+
 def segment_volume(
     model: SliceModel,
     hu: np.ndarray,
@@ -83,12 +139,17 @@ def segment_volume(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     context: int = 3,
+    window: SliceWindow | None = None,
+    size_multiple: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Nodule probability per voxel, float32 (I, R, C), for an int16 HU volume (I, R, C).
 
     ``model`` is the segmentation network already on ``device`` (or any callable with
-    its contract). ``progress(done, total)`` is called after each batch of slices.
+    its contract). Only ``window`` of each slice (default: all of it) is segmented,
+    padded with air up to a multiple of ``size_multiple`` pixels where the model needs
+    that; outside it the probability is 0. ``progress(done, total)`` is called after
+    each batch of slices.
     """
     if hu.ndim != 3:
         raise ValueError(f"expected an (I, R, C) volume, got shape {hu.shape}")
@@ -96,15 +157,18 @@ def segment_volume(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     slices = hu.shape[0]
-    probabilities = np.empty(hu.shape, dtype=np.float32)
+    rows, cols = window or (slice(0, hu.shape[1]), slice(0, hu.shape[2]))
+    probabilities = np.zeros(hu.shape, dtype=np.float32)
     with torch.inference_mode():
         for first in range(0, slices, batch_size):
             stop = min(first + batch_size, slices)
-            stacks = hu[stack_indices(first, stop, slices, context)]  # (N, 7, R, C) int16
+            stacks = hu[stack_indices(first, stop, slices, context), rows, cols]  # (N, 7, r, c)
+            height, width = stacks.shape[-2:]
+            stacks = _pad_to_multiple(stacks, size_multiple)
             # channels_last: the convolutions run ~1.5x faster on CPU in this layout.
             batch = hu_batch(stacks, device).contiguous(memory_format=torch.channels_last)
-            output = model(batch)  # (N, 1, R, C)
-            probabilities[first:stop] = output[:, 0].float().cpu().numpy()
+            output = model(batch)[:, 0, :height, :width]  # (N, r, c)
+            probabilities[first:stop, rows, cols] = output.float().cpu().numpy()
             if progress is not None:
                 progress(stop, slices)
     return probabilities

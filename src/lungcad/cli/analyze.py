@@ -77,6 +77,22 @@ def analyze(
             "CPUs, flips ~0.6% of flagged voxels), or auto (bf16 where native)."
         ),
     ] = "fp32",
+    whole_slices: Annotated[
+        bool,
+        typer.Option(
+            "--whole-slices",
+            help="Segment the air around the patient too, as the book does (slower; by "
+            "default only the body plus the U-Net's reach, same results inside it).",
+        ),
+    ] = False,
+    no_blobs: Annotated[
+        bool,
+        typer.Option(
+            "--no-blobs",
+            help="One candidate per segmented component, as the book does; by default large "
+            "components also give one at each blob inside them (nodules touching vessels).",
+        ),
+    ] = False,
 ) -> None:
     """Find nodules: segment, group, classify, estimate malignancy; write JSON, HTML, CSV."""
     options = AnalysisOptions(
@@ -87,6 +103,8 @@ def analyze(
         classifier_batch_size=cls_batch_size,
         device=device,
         segmentation_precision=precision,
+        crop_to_body=not whole_slices,
+        blob_candidates=not no_blobs,
     )
     wanted = [uid.strip() for uid in (series or "").split(",") if uid.strip()]
     analysis_inputs = resolve_inputs(inputs, series=wanted, split=split, val_stride=val_stride)

@@ -16,7 +16,7 @@ from lungcad.models.checkpoint import (
     save_checkpoint,
 )
 from lungcad.models.classifier import ClassifierConfig, LunaModel
-from lungcad.models.unet import SegmentationConfig, SegmentationModel, UNet
+from lungcad.models.unet import SegmentationConfig, SegmentationModel, UNet, fuse_for_inference
 
 __all__ = [
     "MODEL_KINDS",
@@ -31,6 +31,7 @@ __all__ = [
     "build_model",
     "default_config",
     "file_sha256",
+    "fuse_for_inference",
     "load_checkpoint",
     "load_model",
     "load_model_with_info",
