@@ -151,8 +151,8 @@ def _blobs(
     equal distances gives one blob at its centre) and stands for the sphere of that
     radius. It is kept only if it adds a place to look: the component's centre is not
     inside its sphere, and it is neither inside a larger kept blob's sphere nor holds
-    that blob's centre. Works in each component's
-    bounding box, so the cost follows the large components, not the volume.
+    that blob's centre. Works in each component's bounding box, so the cost follows the
+    large components, not the volume.
     """
     spacing_irc = np.array(geometry.spacing_xyz[::-1])
     window = 2 * np.ceil(BLOB_SEPARATION_MM / spacing_irc).astype(int) + 1

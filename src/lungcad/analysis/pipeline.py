@@ -142,7 +142,7 @@ class ModelBundle:
     @property
     def segmentation_context(self) -> int:
         """Neighbour slices on each side of the segmented one (3 for the book's 7 channels)."""
-        return int(getattr(self.segmentation.config, "in_channels", 7)) // 2
+        return self.segmentation_config.in_channels // 2
 
     @property
     def segmentation_config(self) -> SegmentationConfig:
