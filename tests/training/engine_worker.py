@@ -51,6 +51,9 @@ class ToyTask(TrainingTask):
         self.interrupt_after = interrupt_after
         self.steps_run = 0
         self.epoch = 0
+        # Learnt state, as hard-negative mining keeps: the next epoch's order depends on it,
+        # so resume is exact only if the engine saves and restores it.
+        self.loss_total = torch.zeros((), dtype=torch.float64)
 
     @property
     def model_config(self) -> ClassifierConfig:
@@ -65,10 +68,20 @@ class ToyTask(TrainingTask):
 
     def train_samples(self, epoch: int) -> Dataset[Any]:
         self.epoch = epoch
+        shuffle_seed = self.seed + epoch + int(self.loss_total * 1000)
         order = torch.randperm(
-            len(self.points), generator=torch.Generator().manual_seed(self.seed + epoch)
+            len(self.points), generator=torch.Generator().manual_seed(shuffle_seed)
         )
         return TensorDataset(self.points[order], self.labels[order])
+
+    def after_train_epoch(self, records: Records) -> None:
+        self.loss_total = self.loss_total + records["loss"].double().sum()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"loss_total": self.loss_total.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.loss_total = state["loss_total"].clone()
 
     def validation_samples(self) -> Dataset[Any]:
         return TensorDataset(self.points, self.labels)

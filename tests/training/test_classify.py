@@ -123,6 +123,45 @@ def test_balanced_order_is_pure_balanced_and_walks_through_the_negatives() -> No
     assert sorted(unbalanced.tolist()) == list(range(23))
 
 
+def test_hard_negative_slots_follow_the_last_scores_and_the_stream_still_walks() -> None:
+    labels = np.array([True] * 3 + [False] * 20)
+    scores = np.zeros(23)
+    scores[7] = 0.9  # the one negative the model still calls a nodule
+    order = balanced_order(labels, 24, 2, 5, 1, hard_fraction=0.5, negative_weights=scores)
+    assert np.array_equal(
+        order, balanced_order(labels, 24, 2, 5, 1, hard_fraction=0.5, negative_weights=scores)
+    )
+    assert labels[order].tolist() == [True, False, False] * 8
+    negatives = order[~labels[order]]
+    assert negatives[1::2].tolist() == [7] * 8  # every other negative slot is a hard draw
+    # The other slots read the same stream as without mining, at half the pace.
+    plain = balanced_order(labels, 24, 2, 5, 1)
+    assert negatives[0::2].tolist() == plain[~labels[plain]][:8].tolist()
+    with pytest.raises(ValueError, match="negative_weights"):
+        balanced_order(labels, 24, 2, 5, 1, hard_fraction=0.5)
+
+
+def test_mining_state_moves_the_next_epoch_and_survives_a_checkpoint(tiny: Path) -> None:
+    task = ClassificationTask(settings_for(tiny, epoch_samples=64, hard_negatives=1.0))
+    labels = task.train_labels
+    negatives = np.flatnonzero(~labels)
+    hard = int(negatives[3])
+    # The model scored every negative ~0 except one: the hard draws now all take that one.
+    task.after_train_epoch(
+        {
+            "index": torch.from_numpy(negatives),
+            "prob": torch.where(torch.from_numpy(negatives) == hard, 0.8, 1e-6),
+            "label": torch.zeros(len(negatives), dtype=torch.long),
+        }
+    )
+    order = task.train_samples(2).order
+    assert set(order[~labels[order]].tolist()) == {hard}
+    restored = ClassificationTask(settings_for(tiny, epoch_samples=64, hard_negatives=1.0))
+    assert not np.array_equal(restored.train_samples(2).order, order)
+    restored.load_state_dict(task.state_dict())
+    assert np.array_equal(restored.train_samples(2).order, order)
+
+
 def test_default_epoch_is_derived_from_the_positives() -> None:
     assert default_epoch_samples(70, 1) == 70 * 2 * POSITIVE_VIEWS_PER_EPOCH
     assert default_epoch_samples(70, 3) == 70 * 4 * POSITIVE_VIEWS_PER_EPOCH

@@ -37,6 +37,16 @@ BalanceRatio = Annotated[
         help="Negatives per positive in training epochs (0: no balancing, the natural mix).",
     ),
 ]
+HardNegatives = Annotated[
+    float,
+    typer.Option(
+        "--hard-negatives",
+        min=0.0,
+        max=1.0,
+        help="Share of negative draws weighted by the p_nodule the model last gave each "
+        "negative (the rest walk through all negatives in turn); 0: uniform, as the book.",
+    ),
+]
 NoAugment = Annotated[bool, typer.Option("--no-augment", help="Switch every augmentation off.")]
 NoFlip = Annotated[bool, typer.Option("--no-flip", help="No random mirroring.")]
 NoOffset = Annotated[bool, typer.Option("--no-offset", help="No random shift.")]
@@ -65,6 +75,7 @@ def classify(
     momentum: Momentum = 0.99,
     lr_schedule: LrSchedule = "cosine",
     balance_ratio: BalanceRatio = 1,
+    hard_negatives: HardNegatives = 0.5,
     val_stride: ValStride = 10,
     no_augment: NoAugment = False,
     no_flip: NoFlip = False,
@@ -104,6 +115,7 @@ def classify(
         cache_dir=resolve_cache(data_root, cache),
         epoch_samples=epoch_samples,
         balance_ratio=balance_ratio,
+        hard_negatives=hard_negatives,
         optimizer=OptimizerSettings(optimizer, lr, momentum),
         val_stride=val_stride,
         seed=seed,

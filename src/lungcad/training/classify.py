@@ -6,6 +6,12 @@ the tables name, so a partial download or a half-filled cache never moves a seri
 validation to training. Training epochs are balanced (a positive, then ``balance_ratio``
 negatives); validation sees every validation candidate unbalanced, so its precision is
 the one a user would get.
+
+Hard-negative mining: the negatives are a few hundred per nodule and almost all of them
+are easy, so uniform draws show the rare hard ones (a vessel seen end-on, a calcified
+granuloma) a handful of times in a whole run; the model then keeps calling them nodules.
+Part of the negative draws therefore follow the p_nodule the model gave each negative
+the last time it trained on it.
 """
 
 from __future__ import annotations
@@ -163,13 +169,25 @@ def _shuffle_stream(size: int, start: int, count: int, seed: int, stream: int) -
     return np.concatenate(shuffles)[offset : offset + count]
 
 
-def balanced_order(labels: np.ndarray, count: int, ratio: int, seed: int, epoch: int) -> np.ndarray:
+def balanced_order(
+    labels: np.ndarray,
+    count: int,
+    ratio: int,
+    seed: int,
+    epoch: int,
+    hard_fraction: float = 0.0,
+    negative_weights: np.ndarray | None = None,
+) -> np.ndarray:
     """Candidate indices of training epoch ``epoch`` (1-based): a pure function of its args.
 
     ``ratio`` >= 1: one positive, then ``ratio`` negatives, repeating, so every batch holds
     the same class mix. Each class is read from its own stream of shuffles, epoch after
-    epoch, so every negative is shown once before any is shown again. ``ratio`` 0: no
-    balancing, all candidates in shuffled order (the natural, very unbalanced mix).
+    epoch, so every negative is shown once before any is shown again. ``hard_fraction`` of
+    the negative slots (evenly spread) are instead drawn, with repeats, in proportion to
+    ``negative_weights`` (one per candidate; only the negatives' are read): the hard
+    negatives, shown about as often as a positive while the stream still walks through
+    the easy rest. ``ratio`` 0: no balancing, all candidates in shuffled order (the
+    natural, very unbalanced mix).
     """
     labels = np.asarray(labels, dtype=bool)
     if ratio == 0:
@@ -180,14 +198,25 @@ def balanced_order(labels: np.ndarray, count: int, ratio: int, seed: int, epoch:
     positive_slot = np.arange(count) % (ratio + 1) == 0
     n_pos = int(positive_slot.sum())
     n_neg = count - n_pos
+    slot = np.arange(n_neg)
+    hard_slot = np.floor((slot + 1) * hard_fraction) > np.floor(slot * hard_fraction)
+    n_hard = int(hard_slot.sum())
+    n_stream = n_neg - n_hard
+    negative_order = np.empty(n_neg, dtype=np.int64)
+    negative_order[~hard_slot] = negatives[
+        _shuffle_stream(len(negatives), (epoch - 1) * n_stream, n_stream, seed, 0)
+    ]
+    if n_hard:
+        if negative_weights is None:
+            raise ValueError("hard_fraction > 0 needs negative_weights")
+        weights = np.asarray(negative_weights, dtype=np.float64)[negatives] + 1e-9
+        rng = np.random.default_rng([seed, 3, epoch])
+        negative_order[hard_slot] = rng.choice(negatives, n_hard, p=weights / weights.sum())
     order = np.empty(count, dtype=np.int64)
-    positive_start, negative_start = (epoch - 1) * n_pos, (epoch - 1) * n_neg
     order[positive_slot] = positives[
-        _shuffle_stream(len(positives), positive_start, n_pos, seed, 1)
+        _shuffle_stream(len(positives), (epoch - 1) * n_pos, n_pos, seed, 1)
     ]
-    order[~positive_slot] = negatives[
-        _shuffle_stream(len(negatives), negative_start, n_neg, seed, 0)
-    ]
+    order[~positive_slot] = negative_order
     return order
 
 
@@ -209,10 +238,13 @@ class ClassifySettings:
     val_stride: int = 10
     seed: int = 0
     augment: AugmentSettings = field(default_factory=AugmentSettings)
+    hard_negatives: float = 0.5
 
     def __post_init__(self) -> None:
         if self.balance_ratio < 0:
             raise LungcadError(f"--balance-ratio {self.balance_ratio}: must be 0 or more")
+        if not 0 <= self.hard_negatives <= 1:
+            raise LungcadError(f"--hard-negatives {self.hard_negatives}: must be in [0, 1]")
 
 
 def to_model_input(crops: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -256,6 +288,9 @@ class ClassificationTask(TrainingTask):
             int(self.train_labels.sum()), settings.balance_ratio
         )
         self.augmentation = CropAugmentation(settings.augment)
+        # p_nodule of each training candidate when last trained on; 1 until then, so a
+        # negative not yet seen counts as hard.
+        self.last_scores = torch.ones(len(self.candidates.train), dtype=torch.float32)
         log.info(
             "classifier: %d training candidates (%d nodules) in %d series, %d validation "
             "candidates (%d nodules) in %d series; %d samples per epoch",
@@ -282,8 +317,29 @@ class ClassificationTask(TrainingTask):
             self.settings.balance_ratio,
             self.settings.seed,
             epoch,
+            self.settings.hard_negatives,
+            self.last_scores.numpy(),
         )
         return CandidateCrops(self.cache, self.candidates.train, order)
+
+    def after_train_epoch(self, records: Records) -> None:
+        """Remember each trained-on candidate's p_nodule (the highest, if shown twice)."""
+        index, prob = records["index"].numpy(), records["prob"].numpy().astype(np.float32)
+        highest = np.full(len(self.last_scores), -np.inf, dtype=np.float32)
+        np.maximum.at(highest, index, prob)
+        seen = np.isfinite(highest)
+        self.last_scores[torch.from_numpy(seen)] = torch.from_numpy(highest[seen])
+        log.info(
+            "hard negatives: %d training negatives last scored p >= 0.5",
+            int((self.last_scores[torch.from_numpy(~self.train_labels)] >= 0.5).sum()),
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"last_scores": self.last_scores.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "last_scores" in state:
+            self.last_scores = state["last_scores"].clone()
 
     def validation_samples(self) -> CandidateCrops:
         return CandidateCrops(self.cache, self.candidates.validation)
@@ -291,11 +347,11 @@ class ClassificationTask(TrainingTask):
     def train_step(
         self, model: nn.Module, batch: Any, generator: torch.Generator, device: torch.device
     ) -> StepOutput:
-        crops, labels, _ = batch
+        crops, labels, index = batch
         crops = to_model_input(crops, device)  # (N, 1, 32, 48, 48) HU in [-1000, 1000]
         crops = self.augmentation(crops, generator)  # same shape: moved, mirrored, noisy
         loss, records = score(model, crops, labels.to(device))
-        return StepOutput(loss.mean(), records)
+        return StepOutput(loss.mean(), {**records, "index": index})
 
     def eval_step(self, model: nn.Module, batch: Any, device: torch.device) -> Records:
         crops, labels, _ = batch

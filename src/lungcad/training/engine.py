@@ -218,6 +218,7 @@ def _train(
         start_epoch, start_step = int(state["epoch"]) + 1, int(extra["step_in_epoch"])
         samples_seen = int(state["samples_seen"])
         best_value = extra.get("best_value")
+        task.load_state_dict(extra.get("task_state", {}))
         # The saved records are every rank's; rank 0 alone carries them into the epoch's metrics.
         partial = extra.get("partial_records")
         partial_records = [partial] if partial and ctx.is_main else []
@@ -242,6 +243,7 @@ def _train(
             "best_metric": task.best_metric,
             "seed": options.seed,
             "partial_records": _concat(records) if step_in_epoch else {},
+            "task_state": task.state_dict(),
         }
         save_checkpoint(
             path,
@@ -295,7 +297,9 @@ def _train(
                 )
                 break
 
-            train_metrics = task.metrics(_gather(ctx, records))
+            train_records = _gather(ctx, records)
+            task.after_train_epoch(train_records)
+            train_metrics = task.metrics(train_records)
             val_records = evaluate(task, model, validation, options, device, ctx)
             val_metrics = task.metrics(val_records)
             metrics = {f"train/{k}": v for k, v in train_metrics.items()}

@@ -58,9 +58,22 @@ class TrainingTask(ABC):
     def train_samples(self, epoch: int) -> Dataset[Any]:
         """The samples of training epoch ``epoch`` (1-based), in order.
 
-        Must be a pure function of (seed, epoch): resume and multi-process sharding rely on
-        every rank and every restart seeing the same list.
+        Must be a pure function of (seed, epoch, ``state_dict()``): resume and multi-process
+        sharding rely on every rank and every restart seeing the same list.
         """
+
+    def after_train_epoch(self, records: Records) -> None:
+        """Learn from a finished epoch's training records (every rank's, on every rank), e.g.
+        which samples are hard; whatever changes must live in ``state_dict``."""
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the task has learnt during training; saved in checkpoints for exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore ``state_dict()`` from a checkpoint (an empty dict: keep the fresh state)."""
+        return None
 
     @abstractmethod
     def validation_samples(self) -> Dataset[Any]: ...
