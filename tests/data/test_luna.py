@@ -85,6 +85,31 @@ def test_candidates_merge_like_the_book(tmp_path: Path) -> None:
     assert merged == merge_candidates(list(reversed(candidates)), annotations, malignancy)
 
 
+def test_non_nodules_inside_an_excluded_finding_are_flagged_by_the_evaluation_rule() -> None:
+    excluded = [
+        Annotation("1.2.3", Xyz(0.0, 0.0, 0.0), 4.0),  # reach 2 mm
+        Annotation("1.2.3", Xyz(50.0, 0.0, 0.0), -1.0),  # unknown size: reach 5 mm
+    ]
+    candidates = [
+        Candidate("1.2.3", Xyz(1.9, 0.0, 0.0), False),
+        Candidate("1.2.3", Xyz(2.0, 0.0, 0.0), False),  # on the edge: strictly inside only
+        Candidate("1.2.3", Xyz(50.0, 4.9, 0.0), False),
+        Candidate("1.2.3", Xyz(50.0, 5.1, 0.0), False),
+        Candidate("1.2.4", Xyz(0.0, 0.0, 0.0), False),  # other series
+        Candidate("1.2.3", Xyz(0.5, 0.0, 0.0), True),  # a nodule stays a nodule
+    ]
+    merged = merge_candidates(candidates, [], excluded=excluded)
+    flags = {(c.series_uid, c.center_xyz): c.on_excluded_finding for c in merged}
+    assert [flags[(c.series_uid, c.center_xyz)] for c in candidates] == [
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+
+
 def test_malformed_rows_name_file_and_line(tmp_path: Path) -> None:
     path = _write(
         tmp_path / "candidates.csv",

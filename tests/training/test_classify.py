@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -19,7 +20,7 @@ from lungcad.data.geometry import Geometry, irc_to_xyz
 from lungcad.data.luna import discover_scans, split_series
 from lungcad.errors import LungcadError
 from lungcad.models import load_checkpoint
-from lungcad.training.augment import AugmentSettings
+from lungcad.training.augment import AugmentSettings, ClassifierAugmentSettings
 from lungcad.training.classify import (
     POSITIVE_VIEWS_PER_EPOCH,
     CandidateCrops,
@@ -127,9 +128,9 @@ def test_hard_negative_slots_follow_the_last_scores_and_the_stream_still_walks()
     labels = np.array([True] * 3 + [False] * 20)
     scores = np.zeros(23)
     scores[7] = 0.9  # the one negative the model still calls a nodule
-    order = balanced_order(labels, 24, 2, 5, 1, hard_fraction=0.5, negative_weights=scores)
+    order = balanced_order(labels, 24, 2, 5, 1, hard_negative_fraction=0.5, last_scores=scores)
     assert np.array_equal(
-        order, balanced_order(labels, 24, 2, 5, 1, hard_fraction=0.5, negative_weights=scores)
+        order, balanced_order(labels, 24, 2, 5, 1, hard_negative_fraction=0.5, last_scores=scores)
     )
     assert labels[order].tolist() == [True, False, False] * 8
     negatives = order[~labels[order]]
@@ -137,8 +138,8 @@ def test_hard_negative_slots_follow_the_last_scores_and_the_stream_still_walks()
     # The other slots read the same stream as without mining, at half the pace.
     plain = balanced_order(labels, 24, 2, 5, 1)
     assert negatives[0::2].tolist() == plain[~labels[plain]][:8].tolist()
-    with pytest.raises(ValueError, match="negative_weights"):
-        balanced_order(labels, 24, 2, 5, 1, hard_fraction=0.5)
+    with pytest.raises(ValueError, match="last scores"):
+        balanced_order(labels, 24, 2, 5, 1, hard_negative_fraction=0.5)
 
 
 def test_mining_state_moves_the_next_epoch_and_survives_a_checkpoint(tiny: Path) -> None:
@@ -195,6 +196,41 @@ def test_validation_is_every_validation_candidate_unbalanced(tiny: Path) -> None
     assert sum(validation[i][1] for i in range(len(validation))) == 3 * 2
 
 
+def test_excluded_findings_stay_out_of_training_and_of_the_validation_metrics(
+    tmp_path: Path,
+) -> None:
+    write_tiny_luna(tmp_path)
+    prepare_cache(discover_scans(tmp_path), VolumeCache(tmp_path / ".lungcad-cache"))
+    # One excluded finding of unknown size (reach 5 mm) on the first negative of each series.
+    negatives = [
+        line.split(",") for line in (tmp_path / "candidates.csv").read_text().splitlines()[1:]
+    ]
+    first = {row[0]: row[1:4] for row in reversed(negatives) if row[4] == "0"}
+    rows = [f"{uid},{x},{y},{z},-1" for uid, (x, y, z) in first.items()]
+    (tmp_path / "annotations_excluded.csv").write_text(
+        "\n".join([f"{HEADER},diameter_mm", *rows]) + "\n"
+    )
+    task = ClassificationTask(settings_for(tmp_path))
+    assert not any(c.on_excluded_finding for c in task.train_candidates)
+    flagged_train = [c for c in task.candidates.train if c.on_excluded_finding]
+    assert len(task.train_candidates) == len(task.candidates.train) - len(flagged_train) > 0
+    assert len(flagged_train) >= 6  # at least one in each of the 6 training series
+    book_like = ClassificationTask(settings_for(tmp_path, train_on_excluded=True))
+    assert book_like.train_candidates == task.candidates.train
+
+    validation = task.validation_samples()
+    batch = torch.utils.data.default_collate([validation[i] for i in range(len(validation))])
+    records = task.eval_step(task.build_model().eval(), batch, torch.device("cpu"))
+    excluded = records["excluded"]
+    assert int(excluded.sum()) == sum(c.on_excluded_finding for c in task.candidates.validation)
+    # Every excluded candidate called a nodule: the metrics neither count nor reward them.
+    records["prob"] = torch.where(excluded, 0.9, records["label"].float())
+    metrics = task.metrics(records)
+    assert metrics["precision"] == metrics["recall"] == metrics["f1"] == 1.0
+    assert metrics["excluded/flagged"] == metrics["count/excluded"] == int(excluded.sum()) >= 3
+    assert metrics["count/neg"] == len(validation) - 6 - int(excluded.sum())
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -239,3 +275,13 @@ def test_command_reports_bad_data_as_a_lungcad_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [str(tmp_path), "--out", str(tmp_path / "run")])
     assert isinstance(result.exception, LungcadError)
     assert "no candidates_V2.csv or candidates.csv" in str(result.exception)
+
+
+def test_command_defaults_are_the_settings_defaults() -> None:
+    """The command's literal defaults (kept literal so --help needs no torch import)."""
+    defaults = {name: p.default for name, p in inspect.signature(classify).parameters.items()}
+    settings = ClassifySettings(data_root=Path("d"), cache_dir=Path("c"))
+    assert isinstance(settings.augment, ClassifierAugmentSettings)
+    assert defaults["offset"] == settings.augment.offset == 0.05 < AugmentSettings().offset
+    for name in ("hard_negatives", "train_on_excluded", "balance_ratio"):
+        assert defaults[name] == getattr(settings, name)

@@ -47,6 +47,14 @@ HardNegatives = Annotated[
         "negative (the rest walk through all negatives in turn); 0: uniform, as the book.",
     ),
 ]
+TrainOnExcluded = Annotated[
+    bool,
+    typer.Option(
+        "--train-on-excluded",
+        help="Train on candidates at excluded findings as negatives, as the book does "
+        "(default: leave them out; the LUNA16 evaluation ignores marks there).",
+    ),
+]
 NoAugment = Annotated[bool, typer.Option("--no-augment", help="Switch every augmentation off.")]
 NoFlip = Annotated[bool, typer.Option("--no-flip", help="No random mirroring.")]
 NoOffset = Annotated[bool, typer.Option("--no-offset", help="No random shift.")]
@@ -76,6 +84,7 @@ def classify(
     lr_schedule: LrSchedule = "cosine",
     balance_ratio: BalanceRatio = 1,
     hard_negatives: HardNegatives = 0.5,
+    train_on_excluded: TrainOnExcluded = False,
     val_stride: ValStride = 10,
     no_augment: NoAugment = False,
     no_flip: NoFlip = False,
@@ -83,7 +92,7 @@ def classify(
     no_scale: NoScale = False,
     no_rotate: NoRotate = False,
     no_noise: NoNoise = False,
-    offset: Offset = 0.1,
+    offset: Offset = 0.05,
     scale: Scale = 0.2,
     noise_hu: NoiseHu = 25.0,
     seed: Seed = 0,
@@ -98,12 +107,12 @@ def classify(
     Crops come from the volume cache (`lungcad prepare DATA_ROOT` first); augmentation runs
     batched on the training device.
     """
-    from lungcad.training.augment import AugmentSettings
+    from lungcad.training.augment import ClassifierAugmentSettings
     from lungcad.training.classify import ClassificationTask, ClassifySettings
     from lungcad.training.engine import train
     from lungcad.training.optimizer import OptimizerSettings
 
-    augment = AugmentSettings(
+    augment = ClassifierAugmentSettings(
         flip=not (no_augment or no_flip),
         offset=0.0 if no_augment or no_offset else offset,
         scale=0.0 if no_augment or no_scale else scale,
@@ -116,6 +125,7 @@ def classify(
         epoch_samples=epoch_samples,
         balance_ratio=balance_ratio,
         hard_negatives=hard_negatives,
+        train_on_excluded=train_on_excluded,
         optimizer=OptimizerSettings(optimizer, lr, momentum),
         val_stride=val_stride,
         seed=seed,

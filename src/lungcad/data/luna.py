@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lungcad.atomic import atomic_write_text
 from lungcad.data.geometry import Xyz
 from lungcad.errors import LungcadError
@@ -26,6 +28,9 @@ EXCLUDED_CSV = "annotations_excluded.csv"
 SERIESUIDS_CSV = "seriesuids.csv"
 DETECTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 MALIGNANCY_CSV = "annotations_with_malignancy.csv"
+# The evaluation kit's radius for a finding of unknown size (diameter -1): most of the
+# excluded table.
+UNKNOWN_DIAMETER_MM = 10.0
 # Where LUNA16 downloads and the evaluation kit keep their tables, relative to the data root.
 _TABLE_DIRS = (".", "CSVFILES", "evaluationScript/annotations")
 
@@ -59,6 +64,15 @@ class CandidateInfo:
     diameter_mm: float
     is_malignant: bool | None
     has_annotation: bool
+    # A non-nodule inside an excluded finding: the LUNA16 evaluation neither rewards nor
+    # penalises a mark there.
+    on_excluded_finding: bool = False
+
+
+def hit_radius_mm(diameters_mm: np.ndarray) -> np.ndarray:
+    """The LUNA16 evaluation's reach of a finding: half its diameter, or half of
+    ``UNKNOWN_DIAMETER_MM`` where the diameter is unknown (negative)."""
+    return np.where(diameters_mm < 0, UNKNOWN_DIAMETER_MM, diameters_mm) / 2
 
 
 @dataclass(frozen=True)
@@ -196,12 +210,28 @@ def _matches(center: Xyz, annotation: Annotation) -> bool:
     return all(abs(c - a) <= limit for c, a in zip(center, annotation.center_xyz, strict=True))
 
 
+def _excluded_reach(excluded: Sequence[Annotation]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per series: the excluded findings' centres (E, 3) and hit radii (E,)."""
+    by_series: dict[str, list[Annotation]] = {}
+    for finding in excluded:
+        by_series.setdefault(finding.series_uid, []).append(finding)
+    return {
+        uid: (
+            np.array([f.center_xyz for f in findings], dtype=np.float64),
+            hit_radius_mm(np.array([f.diameter_mm for f in findings], dtype=np.float64)),
+        )
+        for uid, findings in by_series.items()
+    }
+
+
 def merge_candidates(
     candidates: Sequence[Candidate],
     annotations: Sequence[Annotation],
     malignancy: Sequence[Annotation] = (),
+    excluded: Sequence[Annotation] = (),
 ) -> list[CandidateInfo]:
-    """Give each candidate the diameter (and malignancy) of the annotation it falls on.
+    """Give each candidate the diameter (and malignancy) of the annotation it falls on,
+    and flag the non-nodules within an excluded finding's reach (the evaluation's rule).
 
     Ordered nodules first, then by decreasing diameter, then series and position, so the
     same tables always give the same list.
@@ -212,6 +242,7 @@ def merge_candidates(
     malignant_by_series: dict[str, list[Annotation]] = {}
     for annotation in malignancy:
         malignant_by_series.setdefault(annotation.series_uid, []).append(annotation)
+    excluded_reach = _excluded_reach(excluded)
 
     merged = []
     for candidate in candidates:
@@ -234,6 +265,11 @@ def merge_candidates(
         diameter = (
             match.diameter_mm if match else malignant_match.diameter_mm if malignant_match else 0.0
         )
+        on_excluded = False
+        if not candidate.is_nodule and candidate.series_uid in excluded_reach:
+            centers, radii = excluded_reach[candidate.series_uid]
+            distances = np.linalg.norm(centers - np.asarray(candidate.center_xyz), axis=1)
+            on_excluded = bool((distances < radii).any())
         merged.append(
             CandidateInfo(
                 series_uid=candidate.series_uid,
@@ -242,6 +278,7 @@ def merge_candidates(
                 diameter_mm=diameter,
                 is_malignant=malignant_match.is_malignant if malignant_match else None,
                 has_annotation=match is not None or malignant_match is not None,
+                on_excluded_finding=on_excluded,
             )
         )
     merged.sort(key=lambda c: (not c.is_nodule, -c.diameter_mm, c.series_uid, tuple(c.center_xyz)))

@@ -32,14 +32,13 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from lungcad.data.luna import Annotation, Detection
+from lungcad.data.luna import Annotation, Detection, hit_radius_mm
 from lungcad.errors import LungcadError
 
 log = logging.getLogger(__name__)
 
 OPERATING_POINTS_FP_PER_SCAN = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MAX_MARKS_PER_SCAN = 100
-UNKNOWN_DIAMETER_MM = 10.0
 
 
 def keep_top_marks(scores: np.ndarray, limit: int = MAX_MARKS_PER_SCAN) -> np.ndarray:
@@ -48,11 +47,6 @@ def keep_top_marks(scores: np.ndarray, limit: int = MAX_MARKS_PER_SCAN) -> np.nd
         return np.ones(len(scores), dtype=bool)
     cut = np.sort(scores)[::-1][limit]
     return scores > cut
-
-
-def hit_radius_mm(diameters_mm: np.ndarray) -> np.ndarray:
-    """Half the diameter; an unknown (negative) diameter counts as ``UNKNOWN_DIAMETER_MM``."""
-    return np.where(diameters_mm < 0, UNKNOWN_DIAMETER_MM, diameters_mm) / 2
 
 
 def _inside(marks_xyz: np.ndarray, centers_xyz: np.ndarray, diameters_mm: np.ndarray) -> np.ndarray:

@@ -12,6 +12,12 @@ are easy, so uniform draws show the rare hard ones (a vessel seen end-on, a calc
 granuloma) a handful of times in a whole run; the model then keeps calling them nodules.
 Part of the negative draws therefore follow the p_nodule the model gave each negative
 the last time it trained on it.
+
+Excluded findings (``annotations_excluded.csv``: nodules under 3 mm, calcified granulomas,
+findings too few readers marked) are what LUNA16's evaluation ignores: a mark on one is
+neither a hit nor a false positive. Candidates on them are left out of training by default
+(as negatives, they teach the model to dismiss the smallest nodules, which look the same)
+and out of the validation metrics, which report separately how many the model flags.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from lungcad.data.crops import CLASSIFIER_CROP_IRC, HU_CLIP
 from lungcad.data.luna import (
     ANNOTATIONS_CSV,
     CANDIDATES_CSVS,
+    EXCLUDED_CSV,
     MALIGNANCY_CSV,
     SERIESUIDS_CSV,
     CandidateInfo,
@@ -50,8 +57,8 @@ from lungcad.data.luna import (
 )
 from lungcad.errors import LungcadError
 from lungcad.models.classifier import ClassifierConfig
-from lungcad.training.augment import AugmentSettings, CropAugmentation
-from lungcad.training.metrics import binary_metrics
+from lungcad.training.augment import AugmentSettings, ClassifierAugmentSettings, CropAugmentation
+from lungcad.training.metrics import THRESHOLD, binary_metrics
 from lungcad.training.optimizer import OptimizerSettings
 from lungcad.training.task import Records, StepOutput, TrainingTask
 
@@ -79,10 +86,16 @@ class CandidateSplit:
 def load_candidates(data_root: Path, cache: VolumeCache, val_stride: int = 10) -> CandidateSplit:
     """Candidates (merged with annotations) of the series in ``cache``, split by series."""
     candidates_path = require_table(data_root, *CANDIDATES_CSVS)
-    optional = {name: find_table(data_root, name) for name in (ANNOTATIONS_CSV, MALIGNANCY_CSV)}
+    optional = {
+        name: find_table(data_root, name)
+        for name in (ANNOTATIONS_CSV, MALIGNANCY_CSV, EXCLUDED_CSV)
+    }
     annotations = read_annotations(p) if (p := optional[ANNOTATIONS_CSV]) else []
     malignancy = read_malignancy_annotations(p) if (p := optional[MALIGNANCY_CSV]) else []
-    candidates = merge_candidates(read_candidates(candidates_path), annotations, malignancy)
+    excluded = read_annotations(p) if (p := optional[EXCLUDED_CSV]) else []
+    candidates = merge_candidates(
+        read_candidates(candidates_path), annotations, malignancy, excluded
+    )
 
     series_path = find_table(data_root, SERIESUIDS_CSV)
     every_series = {c.series_uid for c in candidates} | {a.series_uid for a in annotations}
@@ -169,25 +182,53 @@ def _shuffle_stream(size: int, start: int, count: int, seed: int, stream: int) -
     return np.concatenate(shuffles)[offset : offset + count]
 
 
+def _negative_draws(
+    negatives: np.ndarray,
+    count: int,
+    seed: int,
+    epoch: int,
+    hard_fraction: float,
+    weights: np.ndarray | None,
+) -> np.ndarray:
+    """``count`` of ``negatives`` for one epoch: ``hard_fraction`` of the slots (evenly
+    spread) drawn with repeats in proportion to ``weights`` (one per negative), the rest
+    read from the negatives' endless stream of shuffles."""
+    slot = np.arange(count)
+    hard_slot = np.floor((slot + 1) * hard_fraction) > np.floor(slot * hard_fraction)
+    n_hard = int(hard_slot.sum())
+    n_stream = count - n_hard
+    order = np.empty(count, dtype=np.int64)
+    order[~hard_slot] = negatives[
+        _shuffle_stream(len(negatives), (epoch - 1) * n_stream, n_stream, seed, 0)
+    ]
+    if n_hard:
+        if weights is None:
+            raise ValueError("a hard fraction > 0 needs the last scores")
+        p = np.asarray(weights, dtype=np.float64) + 1e-9
+        rng = np.random.default_rng([seed, 3, epoch])
+        order[hard_slot] = rng.choice(negatives, n_hard, p=p / p.sum())
+    return order
+
+
 def balanced_order(
     labels: np.ndarray,
     count: int,
     ratio: int,
     seed: int,
     epoch: int,
-    hard_fraction: float = 0.0,
-    negative_weights: np.ndarray | None = None,
+    hard_negative_fraction: float = 0.0,
+    last_scores: np.ndarray | None = None,
 ) -> np.ndarray:
     """Candidate indices of training epoch ``epoch`` (1-based): a pure function of its args.
 
     ``ratio`` >= 1: one positive, then ``ratio`` negatives, repeating, so every batch holds
     the same class mix. Each class is read from its own stream of shuffles, epoch after
-    epoch, so every negative is shown once before any is shown again. ``hard_fraction`` of
-    the negative slots (evenly spread) are instead drawn, with repeats, in proportion to
-    ``negative_weights`` (one per candidate; only the negatives' are read): the hard
-    negatives, shown about as often as a positive while the stream still walks through
-    the easy rest. ``ratio`` 0: no balancing, all candidates in shuffled order (the
-    natural, very unbalanced mix).
+    epoch, so every negative is shown once before any is shown again.
+    ``hard_negative_fraction`` of the negative slots are instead drawn, with repeats, in
+    proportion to ``last_scores`` (the p_nodule the model last gave each candidate): the
+    hard negatives, shown about as often as a positive while the stream still walks
+    through the easy rest. ``ratio`` 0: no balancing, all candidates in shuffled order
+    (the natural, very unbalanced mix).
     """
     labels = np.asarray(labels, dtype=bool)
     if ratio == 0:
@@ -197,26 +238,18 @@ def balanced_order(
         raise LungcadError("balanced sampling needs both nodule and non-nodule candidates")
     positive_slot = np.arange(count) % (ratio + 1) == 0
     n_pos = int(positive_slot.sum())
-    n_neg = count - n_pos
-    slot = np.arange(n_neg)
-    hard_slot = np.floor((slot + 1) * hard_fraction) > np.floor(slot * hard_fraction)
-    n_hard = int(hard_slot.sum())
-    n_stream = n_neg - n_hard
-    negative_order = np.empty(n_neg, dtype=np.int64)
-    negative_order[~hard_slot] = negatives[
-        _shuffle_stream(len(negatives), (epoch - 1) * n_stream, n_stream, seed, 0)
-    ]
-    if n_hard:
-        if negative_weights is None:
-            raise ValueError("hard_fraction > 0 needs negative_weights")
-        weights = np.asarray(negative_weights, dtype=np.float64)[negatives] + 1e-9
-        rng = np.random.default_rng([seed, 3, epoch])
-        negative_order[hard_slot] = rng.choice(negatives, n_hard, p=weights / weights.sum())
     order = np.empty(count, dtype=np.int64)
     order[positive_slot] = positives[
         _shuffle_stream(len(positives), (epoch - 1) * n_pos, n_pos, seed, 1)
     ]
-    order[~positive_slot] = negative_order
+    order[~positive_slot] = _negative_draws(
+        negatives,
+        count - n_pos,
+        seed,
+        epoch,
+        hard_negative_fraction,
+        None if last_scores is None else np.asarray(last_scores)[negatives],
+    )
     return order
 
 
@@ -237,8 +270,9 @@ class ClassifySettings:
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     val_stride: int = 10
     seed: int = 0
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    augment: AugmentSettings = field(default_factory=ClassifierAugmentSettings)
     hard_negatives: float = 0.5
+    train_on_excluded: bool = False
 
     def __post_init__(self) -> None:
         if self.balance_ratio < 0:
@@ -283,24 +317,36 @@ class ClassificationTask(TrainingTask):
         self.settings = settings
         self.cache = VolumeCache(settings.cache_dir)
         self.candidates = load_candidates(settings.data_root, self.cache, settings.val_stride)
-        self.train_labels = np.array([c.is_nodule for c in self.candidates.train], dtype=bool)
+        self.train_candidates = tuple(
+            c
+            for c in self.candidates.train
+            if settings.train_on_excluded or not c.on_excluded_finding
+        )
+        self.train_labels = np.array([c.is_nodule for c in self.train_candidates], dtype=bool)
+        self.validation_excluded = torch.tensor(
+            [c.on_excluded_finding for c in self.candidates.validation], dtype=torch.bool
+        )
         self.epoch_samples = settings.epoch_samples or default_epoch_samples(
             int(self.train_labels.sum()), settings.balance_ratio
         )
         self.augmentation = CropAugmentation(settings.augment)
         # p_nodule of each training candidate when last trained on; 1 until then, so a
         # negative not yet seen counts as hard.
-        self.last_scores = torch.ones(len(self.candidates.train), dtype=torch.float32)
+        self.last_scores = torch.ones(len(self.train_candidates), dtype=torch.float32)
         log.info(
             "classifier: %d training candidates (%d nodules) in %d series, %d validation "
-            "candidates (%d nodules) in %d series; %d samples per epoch",
-            len(self.candidates.train),
+            "candidates (%d nodules) in %d series; %d samples per epoch; %d training and %d "
+            "validation candidates on excluded findings%s",
+            len(self.train_candidates),
             int(self.train_labels.sum()),
-            len({c.series_uid for c in self.candidates.train}),
+            len({c.series_uid for c in self.train_candidates}),
             len(self.candidates.validation),
             sum(c.is_nodule for c in self.candidates.validation),
             len({c.series_uid for c in self.candidates.validation}),
             self.epoch_samples,
+            sum(c.on_excluded_finding for c in self.candidates.train),
+            int(self.validation_excluded.sum()),
+            " (trained on as negatives)" if settings.train_on_excluded else " (left out)",
         )
 
     @property
@@ -320,7 +366,7 @@ class ClassificationTask(TrainingTask):
             self.settings.hard_negatives,
             self.last_scores.numpy(),
         )
-        return CandidateCrops(self.cache, self.candidates.train, order)
+        return CandidateCrops(self.cache, self.train_candidates, order)
 
     def after_train_epoch(self, records: Records) -> None:
         """Remember each trained-on candidate's p_nodule (the highest, if shown twice)."""
@@ -329,9 +375,11 @@ class ClassificationTask(TrainingTask):
         np.maximum.at(highest, index, prob)
         seen = np.isfinite(highest)
         self.last_scores[torch.from_numpy(seen)] = torch.from_numpy(highest[seen])
+        positive = torch.from_numpy(self.train_labels)
         log.info(
-            "hard negatives: %d training negatives last scored p >= 0.5",
-            int((self.last_scores[torch.from_numpy(~self.train_labels)] >= 0.5).sum()),
+            "mining: %d training negatives last scored p >= 0.5, %d nodules p < 0.5",
+            int((self.last_scores[~positive] >= THRESHOLD).sum()),
+            int((self.last_scores[positive] < THRESHOLD).sum()),
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -354,12 +402,22 @@ class ClassificationTask(TrainingTask):
         return StepOutput(loss.mean(), {**records, "index": index})
 
     def eval_step(self, model: nn.Module, batch: Any, device: torch.device) -> Records:
-        crops, labels, _ = batch
+        crops, labels, index = batch
         _, records = score(model, to_model_input(crops, device), labels.to(device))
-        return records
+        return {**records, "excluded": self.validation_excluded[index]}
 
     def metrics(self, records: Records) -> dict[str, float]:
-        return binary_metrics(records)
+        """Binary metrics; on validation records, as LUNA16 counts: candidates on excluded
+        findings out, and how many of those the model calls a nodule beside."""
+        if "excluded" not in records:
+            return binary_metrics(records)
+        excluded = records["excluded"].bool()
+        flagged = records["prob"][excluded] >= THRESHOLD
+        return {
+            **binary_metrics({k: v[~excluded] for k, v in records.items()}),
+            "excluded/flagged": float(int(flagged.sum())),
+            "count/excluded": float(int(excluded.sum())),
+        }
 
     def data_fingerprint(self) -> str:
         return training_fingerprint(self.candidates.tables, self.candidates.split)
