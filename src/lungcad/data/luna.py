@@ -75,6 +75,14 @@ def hit_radius_mm(diameters_mm: np.ndarray) -> np.ndarray:
     return np.where(diameters_mm < 0, UNKNOWN_DIAMETER_MM, diameters_mm) / 2
 
 
+def inside_findings(
+    points_xyz: np.ndarray, centers_xyz: np.ndarray, diameters_mm: np.ndarray
+) -> np.ndarray:
+    """(M, K) mask: point m is strictly within finding k's reach (``hit_radius_mm``)."""
+    offsets = points_xyz[:, None, :] - centers_xyz[None, :, :]  # (M, K, 3)
+    return np.einsum("mkc,mkc->mk", offsets, offsets) < hit_radius_mm(diameters_mm) ** 2
+
+
 @dataclass(frozen=True)
 class Detection:
     """One CAD mark in the LUNA16 submission format: where (mm, LPS) and how suspicious."""
@@ -210,15 +218,17 @@ def _matches(center: Xyz, annotation: Annotation) -> bool:
     return all(abs(c - a) <= limit for c, a in zip(center, annotation.center_xyz, strict=True))
 
 
-def _excluded_reach(excluded: Sequence[Annotation]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per series: the excluded findings' centres (E, 3) and hit radii (E,)."""
+def _excluded_findings(
+    excluded: Sequence[Annotation],
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per series: the excluded findings' centres (E, 3) and diameters (E,)."""
     by_series: dict[str, list[Annotation]] = {}
     for finding in excluded:
         by_series.setdefault(finding.series_uid, []).append(finding)
     return {
         uid: (
             np.array([f.center_xyz for f in findings], dtype=np.float64),
-            hit_radius_mm(np.array([f.diameter_mm for f in findings], dtype=np.float64)),
+            np.array([f.diameter_mm for f in findings], dtype=np.float64),
         )
         for uid, findings in by_series.items()
     }
@@ -242,7 +252,7 @@ def merge_candidates(
     malignant_by_series: dict[str, list[Annotation]] = {}
     for annotation in malignancy:
         malignant_by_series.setdefault(annotation.series_uid, []).append(annotation)
-    excluded_reach = _excluded_reach(excluded)
+    excluded_by_series = _excluded_findings(excluded)
 
     merged = []
     for candidate in candidates:
@@ -266,10 +276,10 @@ def merge_candidates(
             match.diameter_mm if match else malignant_match.diameter_mm if malignant_match else 0.0
         )
         on_excluded = False
-        if not candidate.is_nodule and candidate.series_uid in excluded_reach:
-            centers, radii = excluded_reach[candidate.series_uid]
-            distances = np.linalg.norm(centers - np.asarray(candidate.center_xyz), axis=1)
-            on_excluded = bool((distances < radii).any())
+        if not candidate.is_nodule and candidate.series_uid in excluded_by_series:
+            centers, diameters = excluded_by_series[candidate.series_uid]
+            point = np.asarray([candidate.center_xyz], dtype=np.float64)
+            on_excluded = bool(inside_findings(point, centers, diameters).any())
         merged.append(
             CandidateInfo(
                 series_uid=candidate.series_uid,

@@ -32,7 +32,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from lungcad.data.luna import Annotation, Detection, hit_radius_mm
+from lungcad.data.luna import Annotation, Detection, inside_findings
 from lungcad.errors import LungcadError
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,6 @@ def keep_top_marks(scores: np.ndarray, limit: int = MAX_MARKS_PER_SCAN) -> np.nd
         return np.ones(len(scores), dtype=bool)
     cut = np.sort(scores)[::-1][limit]
     return scores > cut
-
-
-def _inside(marks_xyz: np.ndarray, centers_xyz: np.ndarray, diameters_mm: np.ndarray) -> np.ndarray:
-    """(M, K) mask: mark m is strictly within finding k's radius."""
-    offsets = marks_xyz[:, None, :] - centers_xyz[None, :, :]  # (M, K, 3)
-    return np.einsum("mkc,mkc->mk", offsets, offsets) < hit_radius_mm(diameters_mm) ** 2
 
 
 @dataclass(frozen=True)
@@ -74,9 +68,11 @@ def match_scan(
     excluded_diameters_mm: np.ndarray,
 ) -> ScanMatch:
     """Match marks (M, 3) mm to nodules (K, 3) and excluded findings (E, 3) of one scan."""
-    on_nodule = _inside(marks_xyz, nodules_xyz, nodule_diameters_mm)  # (M, K)
+    on_nodule = inside_findings(marks_xyz, nodules_xyz, nodule_diameters_mm)  # (M, K)
     hits_a_nodule = on_nodule.any(axis=1)
-    ignored = _inside(marks_xyz, excluded_xyz, excluded_diameters_mm).any(axis=1) & ~hits_a_nodule
+    ignored = (
+        inside_findings(marks_xyz, excluded_xyz, excluded_diameters_mm).any(axis=1) & ~hits_a_nodule
+    )
     best = np.where(on_nodule, scores[:, None], -np.inf).max(axis=0, initial=-np.inf)
     detected = on_nodule.any(axis=0)
     marks_per_nodule = on_nodule.sum(axis=0)
