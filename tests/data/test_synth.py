@@ -17,6 +17,7 @@ from lungcad.data.geometry import IDENTITY_DIRECTION, xyz_to_irc
 from lungcad.data.synth import PhantomScan, generate_scan, series_uid, write_dataset
 from lungcad.data.synth.nodules import draw_diameter, draw_kind, malignancy_logit, reader_ratings
 from lungcad.errors import LungcadError
+from tests.conftest import shared_file
 
 TABLES = (
     "annotations.csv",
@@ -204,6 +205,20 @@ def test_malignancy_rate_overlap_and_reader_consistency() -> None:
     assert (
         0 < labels_array[diameters_array < 6].mean() < labels_array[diameters_array > 12].mean() < 1
     )
+
+
+def test_diameters_follow_the_luna16_annotations() -> None:
+    table = shared_file("data/luna16/annotations.csv")
+    real = np.array([a.diameter_mm for a in luna.read_annotations(table)])
+    rng = np.random.default_rng(1)
+    drawn = np.array([draw_diameter(rng) for _ in range(5000)])
+    assert drawn.min() > 3.0 and drawn.max() <= 30.0
+    # No value repeats: a clip would pile a tail on one diameter.
+    assert len(np.unique(drawn)) == len(drawn)
+    for percent in (5, 25, 50, 75):
+        ours, theirs = np.percentile(drawn, percent), np.percentile(real, percent)
+        assert abs(ours - theirs) < 0.08 * theirs, (percent, ours, theirs)
+    assert abs((drawn < 4).mean() - (real < 4).mean()) < 0.02
 
 
 def test_small_phantom_is_fast() -> None:
