@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lungcad.data.geometry import Xyz
@@ -8,6 +9,9 @@ from lungcad.data.luna import (
     Candidate,
     discover_scans,
     find_table,
+    finding_arrays,
+    group_by_series,
+    inside_findings,
     merge_candidates,
     read_annotations,
     read_candidates,
@@ -195,3 +199,21 @@ def test_dataset_split_ignores_which_scans_are_present(tmp_path: Path) -> None:
     assert dataset_split(tmp_path).validation == ("1.2.99",)
     (tmp_path / "annotations.csv").unlink()
     assert dataset_split(tmp_path) == split_series(uids[5:12])
+
+
+def test_group_by_series_keeps_table_order_and_finding_arrays_fit_inside_findings() -> None:
+    rows = [
+        Annotation("b", (0.0, 0.0, 0.0), 6.0),
+        Annotation("a", (1.0, 0.0, 0.0), 4.0),
+        Annotation("b", (6.0, 0.0, 0.0), -1.0),
+    ]
+    grouped = group_by_series(rows)
+    assert list(grouped) == ["b", "a"]
+    assert grouped["b"] == [rows[0], rows[2]]
+    centers, diameters = finding_arrays(grouped["b"])
+    assert centers.shape == (2, 3) and diameters.tolist() == [6.0, -1.0]
+    inside = inside_findings(np.array([[2.0, 0.0, 0.0]]), centers, diameters)
+    assert inside.tolist() == [[True, True]]  # 2 mm < 6/2; 4 mm < 10/2 (unknown size)
+    empty_centers, empty_diameters = finding_arrays([])
+    assert empty_centers.shape == (0, 3) and empty_diameters.shape == (0,)
+    assert inside_findings(np.zeros((1, 3)), empty_centers, empty_diameters).shape == (1, 0)

@@ -24,6 +24,7 @@ from lungcad.data.luna import (
     MALIGNANCY_CSV,
     Annotation,
     find_table,
+    group_by_series,
     read_annotations,
     read_malignancy_annotations,
 )
@@ -95,10 +96,7 @@ def load_truth(data_root: Path) -> dict[str, list[Annotation]] | None:
         if malignancy_path is not None
         else read_annotations(annotations_path)
     )
-    by_series: dict[str, list[Annotation]] = {}
-    for nodule in nodules:
-        by_series.setdefault(nodule.series_uid, []).append(nodule)
-    return by_series
+    return group_by_series(nodules)
 
 
 def format_confusion(confusion: np.ndarray, title: str) -> str:

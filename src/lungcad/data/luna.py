@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -81,6 +82,29 @@ def inside_findings(
     """(M, K) mask: point m is strictly within finding k's reach (``hit_radius_mm``)."""
     offsets = points_xyz[:, None, :] - centers_xyz[None, :, :]  # (M, K, 3)
     return np.einsum("mkc,mkc->mk", offsets, offsets) < hit_radius_mm(diameters_mm) ** 2
+
+
+def finding_arrays(findings: Sequence[Annotation]) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (K, 3) and diameters (K,) of ``findings``, in the form ``inside_findings``
+    takes; (0, 3) and (0,) for none."""
+    centers = np.array([f.center_xyz for f in findings], dtype=np.float64).reshape(-1, 3)
+    return centers, np.array([f.diameter_mm for f in findings], dtype=np.float64)
+
+
+class _InSeries(Protocol):
+    @property
+    def series_uid(self) -> str: ...
+
+
+_Row = TypeVar("_Row", bound=_InSeries)
+
+
+def group_by_series(rows: Iterable[_Row]) -> dict[str, list[_Row]]:
+    """Table rows by series UID, in their original order within each series."""
+    grouped: dict[str, list[_Row]] = {}
+    for row in rows:
+        grouped.setdefault(row.series_uid, []).append(row)
+    return grouped
 
 
 @dataclass(frozen=True)
@@ -218,22 +242,6 @@ def _matches(center: Xyz, annotation: Annotation) -> bool:
     return all(abs(c - a) <= limit for c, a in zip(center, annotation.center_xyz, strict=True))
 
 
-def _excluded_findings(
-    excluded: Sequence[Annotation],
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per series: the excluded findings' centres (E, 3) and diameters (E,)."""
-    by_series: dict[str, list[Annotation]] = {}
-    for finding in excluded:
-        by_series.setdefault(finding.series_uid, []).append(finding)
-    return {
-        uid: (
-            np.array([f.center_xyz for f in findings], dtype=np.float64),
-            np.array([f.diameter_mm for f in findings], dtype=np.float64),
-        )
-        for uid, findings in by_series.items()
-    }
-
-
 def merge_candidates(
     candidates: Sequence[Candidate],
     annotations: Sequence[Annotation],
@@ -246,13 +254,11 @@ def merge_candidates(
     Ordered nodules first, then by decreasing diameter, then series and position, so the
     same tables always give the same list.
     """
-    by_series: dict[str, list[Annotation]] = {}
-    for annotation in annotations:
-        by_series.setdefault(annotation.series_uid, []).append(annotation)
-    malignant_by_series: dict[str, list[Annotation]] = {}
-    for annotation in malignancy:
-        malignant_by_series.setdefault(annotation.series_uid, []).append(annotation)
-    excluded_by_series = _excluded_findings(excluded)
+    by_series = group_by_series(annotations)
+    malignant_by_series = group_by_series(malignancy)
+    excluded_by_series = {
+        uid: finding_arrays(findings) for uid, findings in group_by_series(excluded).items()
+    }
 
     merged = []
     for candidate in candidates:

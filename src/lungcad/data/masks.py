@@ -31,7 +31,7 @@ import numpy as np
 from lungcad.atomic import atomic_write, atomic_write_text
 from lungcad.data.cache import VolumeCache
 from lungcad.data.geometry import Geometry, xyz_to_irc_array
-from lungcad.data.luna import Annotation
+from lungcad.data.luna import Annotation, group_by_series
 from lungcad.progress import make_progress
 
 log = logging.getLogger(__name__)
@@ -207,9 +207,7 @@ class NoduleMasks:
     ) -> None:
         self.cache = cache
         self.threshold_hu = threshold_hu
-        self._annotations: dict[str, list[Annotation]] = {}
-        for annotation in annotations:
-            self._annotations.setdefault(annotation.series_uid, []).append(annotation)
+        self._annotations = group_by_series(annotations)
         self._packed: dict[str, np.ndarray] = {}
         self._nodules: dict[str, tuple[NoduleExtent, ...]] = {}
 

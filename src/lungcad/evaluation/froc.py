@@ -26,13 +26,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
 
 import numpy as np
 
-from lungcad.data.luna import Annotation, Detection, inside_findings
+from lungcad.data.luna import (
+    Annotation,
+    Detection,
+    finding_arrays,
+    group_by_series,
+    inside_findings,
+)
 from lungcad.errors import LungcadError
 
 log = logging.getLogger(__name__)
@@ -170,26 +175,6 @@ class FrocResult:
     ignored_other_series: int  # marks on series missing from the series list
 
 
-class _HasSeries(Protocol):
-    @property
-    def series_uid(self) -> str: ...
-
-
-_Item = TypeVar("_Item", bound=_HasSeries)
-
-
-def _by_series(items: Iterable[_Item]) -> dict[str, list[_Item]]:
-    grouped: dict[str, list[_Item]] = {}
-    for item in items:
-        grouped.setdefault(item.series_uid, []).append(item)
-    return grouped
-
-
-def _centers(findings: Sequence[Annotation]) -> tuple[np.ndarray, np.ndarray]:
-    xyz = np.array([f.center_xyz for f in findings], dtype=float).reshape(-1, 3)
-    return xyz, np.array([f.diameter_mm for f in findings], dtype=float)
-
-
 def evaluate_detections(
     detections: Sequence[Detection],
     annotations: Sequence[Annotation],
@@ -203,14 +188,14 @@ def evaluate_detections(
     repeated = sorted(uid for uid, times in Counter(series_uids).items() if times > 1)
     if repeated:
         raise LungcadError(f"series listed more than once: {', '.join(repeated[:3])}")
-    marks = _by_series(detections)
+    marks = group_by_series(detections)
     others = set(marks) - set(series_uids)
     ignored_other = sum(len(marks[uid]) for uid in others)
     if others:
         log.warning(
             "ignored %d marks on %d series not in the series list", ignored_other, len(others)
         )
-    nodules, findings = _by_series(annotations), _by_series(excluded)
+    nodules, findings = group_by_series(annotations), group_by_series(excluded)
 
     matches = []
     for uid in series_uids:
@@ -222,8 +207,8 @@ def evaluate_detections(
             match_scan(
                 xyz[kept],
                 scores[kept],
-                *_centers(nodules.get(uid, [])),
-                *_centers(findings.get(uid, [])),
+                *finding_arrays(nodules.get(uid, [])),
+                *finding_arrays(findings.get(uid, [])),
             )
         )
     entries = pool_matches(matches)
