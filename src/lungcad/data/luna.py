@@ -236,10 +236,29 @@ def write_detections(path: Path, detections: Iterable[Detection]) -> Path:
     return atomic_write_text(path, buffer.getvalue())
 
 
-def _matches(center: Xyz, annotation: Annotation) -> bool:
-    """The book's rule: within a quarter diameter of the annotation on every axis."""
-    limit = annotation.diameter_mm / 4
-    return all(abs(c - a) <= limit for c, a in zip(center, annotation.center_xyz, strict=True))
+def _first_match(center: Xyz, annotations: Sequence[Annotation]) -> Annotation | None:
+    """The first annotation ``center`` falls on by the book's rule: within a quarter of
+    its diameter on every axis."""
+    for annotation in annotations:
+        limit = annotation.diameter_mm / 4
+        if all(abs(c - a) <= limit for c, a in zip(center, annotation.center_xyz, strict=True)):
+            return annotation
+    return None
+
+
+def _on_excluded_findings(
+    candidates: Sequence[Candidate], excluded: Sequence[Annotation]
+) -> set[Candidate]:
+    """The non-nodule candidates within an excluded finding's reach (the evaluation's
+    rule), one distance matrix per series: LUNA16 lists 750,000 candidates."""
+    negatives = group_by_series(c for c in candidates if not c.is_nodule)
+    flagged: set[Candidate] = set()
+    for uid, findings in group_by_series(excluded).items():
+        series = negatives.get(uid, [])
+        points = np.array([c.center_xyz for c in series], dtype=np.float64).reshape(-1, 3)
+        inside = np.any(inside_findings(points, *finding_arrays(findings)), axis=1)
+        flagged.update(c for c, hit in zip(series, inside, strict=True) if hit)
+    return flagged
 
 
 def merge_candidates(
@@ -256,36 +275,17 @@ def merge_candidates(
     """
     by_series = group_by_series(annotations)
     malignant_by_series = group_by_series(malignancy)
-    excluded_by_series = {
-        uid: finding_arrays(findings) for uid, findings in group_by_series(excluded).items()
-    }
+    on_excluded = _on_excluded_findings(candidates, excluded)
 
     merged = []
     for candidate in candidates:
-        match = next(
-            (
-                a
-                for a in by_series.get(candidate.series_uid, [])
-                if _matches(candidate.center_xyz, a)
-            ),
-            None,
-        )
-        malignant_match = next(
-            (
-                a
-                for a in malignant_by_series.get(candidate.series_uid, [])
-                if _matches(candidate.center_xyz, a)
-            ),
-            None,
+        match = _first_match(candidate.center_xyz, by_series.get(candidate.series_uid, []))
+        malignant_match = _first_match(
+            candidate.center_xyz, malignant_by_series.get(candidate.series_uid, [])
         )
         diameter = (
             match.diameter_mm if match else malignant_match.diameter_mm if malignant_match else 0.0
         )
-        on_excluded = False
-        if not candidate.is_nodule and candidate.series_uid in excluded_by_series:
-            centers, diameters = excluded_by_series[candidate.series_uid]
-            point = np.asarray([candidate.center_xyz], dtype=np.float64)
-            on_excluded = bool(inside_findings(point, centers, diameters).any())
         merged.append(
             CandidateInfo(
                 series_uid=candidate.series_uid,
@@ -294,7 +294,7 @@ def merge_candidates(
                 diameter_mm=diameter,
                 is_malignant=malignant_match.is_malignant if malignant_match else None,
                 has_annotation=match is not None or malignant_match is not None,
-                on_excluded_finding=on_excluded,
+                on_excluded_finding=candidate in on_excluded,
             )
         )
     merged.sort(key=lambda c: (not c.is_nodule, -c.diameter_mm, c.series_uid, tuple(c.center_xyz)))
